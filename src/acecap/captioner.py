@@ -1,0 +1,202 @@
+"""The Captioner: one loaded model, audio in, captions (or lyrics) out. Every command goes through it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import devices
+from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
+from .generate import Decoding, generate
+from .hub import resolve_model
+from .model import TASKS, load_processor, load_thinker, render_prompt
+
+log = logging.getLogger("acecap")
+
+DEFAULT_MAX_DURATION = 300.0  # seconds: what the model's feature extractor was built for
+AUDIO_TOKENS_PER_SECOND = 25
+# Zero samples after each clip so its last STFT frames see silence, exactly as with the processor's
+# default padding to 300 s, while the batch is padded only to its longest clip.
+FEATURE_MARGIN = 480
+
+
+@dataclass
+class Timings:
+    load_s: float  # model load (once per Captioner)
+    audio_s: float  # decoding this file
+    first_token_s: float  # features + prefill up to the first token, for the batch
+    decode_tokens_per_s: float  # per stream, after the first token
+    total_s: float  # features + generation for the batch
+
+
+@dataclass
+class Result:
+    """One caption (or lyrics) and everything needed to trust and reproduce it."""
+
+    source: str
+    text: str
+    tokens: int  # generated tokens, the end token included
+    finished: bool  # False when max_new_tokens cut the text
+    duration: float  # seconds of audio in the input
+    truncated: bool  # True when only the first `max_duration` seconds were captioned
+    captioned_seconds: float
+    task: str
+    prompt: str
+    model: str
+    device: str
+    dtype: str
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Captioner:
+    """The thinker and processor of one checkpoint on one device.
+
+    >>> captioner = Captioner.from_pretrained()            # ACE-Step/acestep-captioner, best device
+    >>> captioner.caption("song.mp3").text
+    """
+
+    def __init__(self, thinker, processor, *, task: str, prompt: str, model_name: str, load_s: float):
+        self.thinker = thinker
+        self.processor = processor
+        self.task = task
+        self.prompt = prompt
+        self.model_name = model_name
+        self.load_s = load_s
+        self.device: torch.device = thinker.device
+        self.dtype: torch.dtype = thinker.dtype
+        self.chat_text = render_prompt(processor, prompt)
+        tokenizer = processor.tokenizer
+        self.end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.pad_id = tokenizer.pad_token_id
+        self.prompt_tokens = len(tokenizer(self.chat_text)["input_ids"])  # one <|AUDIO|> placeholder
+        self.context = thinker.config.text_config.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        task: str = "caption",
+        device: str = "auto",
+        dtype: str = "auto",
+        hub: str = "auto",
+        prompt: str | None = None,
+    ) -> Captioner:
+        """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
+        torch_device = devices.resolve_device(device)
+        torch_dtype = devices.resolve_dtype(dtype, torch_device)
+        name = str(model or TASKS[task].model_id)
+        folder = resolve_model(name, hub)
+        start = time.perf_counter()
+        thinker = load_thinker(folder, torch_device, torch_dtype)
+        processor = load_processor(folder)
+        load_s = devices.now(torch_device) - start
+        return cls(thinker, processor, task=task, prompt=prompt or TASKS[task].prompt, model_name=name, load_s=load_s)
+
+    def max_duration_limit(self, decoding: Decoding) -> float:
+        """The longest audio (s) whose tokens, the prompt and max_new_tokens fit the context."""
+        free = self.context - self.prompt_tokens - decoding.max_new_tokens
+        return max(0.0, free / AUDIO_TOKENS_PER_SECOND)
+
+    def caption(
+        self,
+        audio: str | Path | np.ndarray | Clip,
+        decoding: Decoding | None = None,
+        *,
+        sample_rate: int | None = None,
+        max_duration: float = DEFAULT_MAX_DURATION,
+    ) -> Result:
+        """Caption one file, array (give `sample_rate`) or Clip."""
+        start = time.perf_counter()
+        if isinstance(audio, Clip):
+            clip = audio
+        elif isinstance(audio, np.ndarray):
+            if sample_rate is None:
+                raise ValueError("an array needs its sample_rate")
+            clip = to_clip(audio, sample_rate)
+        else:
+            clip = load_audio(audio)
+        audio_s = time.perf_counter() - start
+        return self.caption_clips([clip], decoding, max_duration=max_duration, audio_s=[audio_s])[0]
+
+    def caption_clips(
+        self,
+        clips: list[Clip],
+        decoding: Decoding | None = None,
+        *,
+        max_duration: float = DEFAULT_MAX_DURATION,
+        audio_s: list[float] | None = None,
+    ) -> list[Result]:
+        """Caption decoded clips as one batch (left-padded, features padded to the longest clip)."""
+        decoding = decoding or Decoding()
+        limit = self.max_duration_limit(decoding)
+        if not 0 < max_duration <= limit:
+            raise ValueError(
+                f"max duration must be in (0, {limit:.0f}] s with {decoding.max_new_tokens} new tokens: the "
+                f"{self.context}-token context holds {AUDIO_TOKENS_PER_SECOND} tokens per second of audio, "
+                "the prompt and the new tokens"
+            )
+        keep = int(max_duration * SAMPLE_RATE)
+        samples = [clip.samples[:keep] for clip in clips]
+        for clip in clips:
+            if clip.duration > max_duration:
+                log.warning(
+                    "%s: %.1f s long; captioning the first %.0f s only", clip.source, clip.duration, max_duration
+                )
+        start = devices.now(self.device)
+        inputs = self._features(samples)
+        generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id)
+        total_s = devices.now(self.device) - start
+        texts = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
+        results = []
+        for i, clip in enumerate(clips):
+            timings = Timings(
+                load_s=self.load_s,
+                audio_s=audio_s[i] if audio_s else 0.0,
+                first_token_s=total_s - generated.total_s + generated.first_token_s,
+                decode_tokens_per_s=generated.decode_tokens_per_s,
+                total_s=total_s,
+            )
+            results.append(
+                Result(
+                    source=clip.source,
+                    text=texts[i].strip(),
+                    tokens=len(generated.tokens[i]),
+                    finished=generated.finished[i],
+                    duration=clip.duration,
+                    truncated=clip.duration > max_duration,
+                    captioned_seconds=len(samples[i]) / SAMPLE_RATE,
+                    task=self.task,
+                    prompt=self.prompt,
+                    model=self.model_name,
+                    device=str(self.device),
+                    dtype=devices.dtype_name(self.dtype),
+                    timings=timings,
+                )
+            )
+        return results
+
+    def _features(self, samples: list[np.ndarray]) -> dict:
+        longest = max(len(s) for s in samples)
+        # A fresh dict per call: transformers 4.57 empties the audio_kwargs it is given.
+        audio_kwargs = {"sampling_rate": SAMPLE_RATE, "max_length": longest + FEATURE_MARGIN, "truncation": True}
+        inputs = self.processor(
+            text=[self.chat_text] * len(samples),
+            audio=samples,
+            padding=True,
+            return_tensors="pt",
+            audio_kwargs=audio_kwargs,
+        )
+        inputs = inputs.to(self.device)
+        inputs["input_features"] = inputs["input_features"].to(self.dtype)
+        return dict(inputs)

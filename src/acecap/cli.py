@@ -1,0 +1,189 @@
+"""The `acecap` command: parsing and printing only; the work is in the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # see acecap/__init__.py
+
+EXAMPLES = """\
+examples:
+  acecap caption song.mp3                       caption with ACE-Step/acestep-captioner (downloaded once)
+  acecap caption *.flac -o labels -f txt        also write labels/<name>.caption.txt
+  acecap caption song.wav --task lyrics         lyrics with ACE-Step/acestep-transcriber
+  acecap caption song.wav --model ./my-model    a local checkpoint folder
+  acecap doctor --device npu:0                  check this machine before downloading 22 GB
+"""
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and device")
+    group.add_argument(
+        "--task",
+        choices=["caption", "lyrics"],
+        default="caption",
+        help="caption: describe the music (ACE-Step/acestep-captioner); "
+        "lyrics: transcribe them (ACE-Step/acestep-transcriber). Default: caption",
+    )
+    group.add_argument("--model", help="checkpoint folder, or a hub id (default: the task's ACE-Step model)")
+    group.add_argument(
+        "--hub",
+        choices=["auto", "modelscope", "huggingface"],
+        default="auto",
+        help="where to download a hub id from; auto tries both caches, then ModelScope, "
+        "then Hugging Face. HF_HUB_OFFLINE=1 allows caches only. Default: auto",
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda[:i], npu[:i] or mps; auto prefers npu > cuda > mps > cpu"
+    )
+    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="weights and activations; auto is bf16 on accelerators, fp32 on cpu")  # fmt: skip
+
+
+def _generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--prompt", help="replace the task's prompt (e.g. '*Task* Describe this audio in detail')")
+    group.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling (default 1.0)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages loops (default 1.0)")
+    group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    group.add_argument("--max-duration", type=float, default=300.0,
+                       help="caption at most this many seconds of each file; longer files are truncated "
+                       "and flagged (default 300, the model's design; up to ~1290 fits the context)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acecap",
+        description="Label music with the ACE-Step Captioner (descriptions) and Transcriber (lyrics) "
+        "on an Ascend NPU, an NVIDIA GPU or the CPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    parser.add_argument("--version", action="version", version=f"acecap {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    caption = commands.add_parser(
+        "caption", help="caption (or transcribe) audio files and print the text",
+        description="Print one caption per file on stdout; per-file figures go to stderr. "
+        "A file that cannot be read is reported and skipped; the exit status is 1 if any failed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+    )  # fmt: skip
+    caption.add_argument("paths", nargs="+", metavar="PATH", help="audio files: wav, flac, mp3, ogg, opus, m4a, …")
+    caption.add_argument("-o", "--output-dir", type=Path, help="also write results into this folder")
+    caption.add_argument("-f", "--format", choices=["txt", "json", "jsonl"], default="txt",
+                         help="with -o: txt writes <name>.<task>.txt (ACE-Step reads <name>.caption.txt), "
+                         "json writes <name>.<task>.json, jsonl appends to <task>.jsonl. Default: txt")  # fmt: skip
+    _model_options(caption)
+    _generation_options(caption)
+
+    doctor = commands.add_parser(
+        "doctor", help="print the environment and run a tiny model end to end",
+        description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
+        "then caption a generated clip with a tiny random model on the chosen device: a check of the "
+        "install that needs no download.",
+    )  # fmt: skip
+    doctor.add_argument("--device", default="auto", help="device to test (default auto)")
+    doctor.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("acecap")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _error(message: str) -> None:
+    print(f"acecap: error: {message}", file=sys.stderr)
+
+
+def _figures(result) -> str:
+    t = result.timings
+    flags = " [truncated]" if result.truncated else ""
+    flags += " [cut at --max-new-tokens]" if not result.finished else ""
+    return (f"{result.source}: {result.duration:.1f} s audio, {result.tokens} tokens, "
+            f"first token {t.first_token_s * 1000:.0f} ms, {t.decode_tokens_per_s:.1f} tok/s, "
+            f"audio decode {t.audio_s * 1000:.0f} ms{flags}")  # fmt: skip
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from .audio import AudioError, load_audio
+    from .captioner import Captioner
+    from .devices import dtype_name
+    from .generate import Decoding
+    from .writers import check_unique_names, write_result
+
+    decoding = Decoding(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    if args.output_dir:
+        check_unique_names(args.paths)
+    captioner = None
+    failures = 0
+    for path in args.paths:
+        start = time.perf_counter()
+        try:
+            clip = load_audio(path)
+        except AudioError as error:
+            _error(f"{path}: {error}")
+            failures += 1
+            continue
+        audio_s = time.perf_counter() - start
+        if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
+            captioner = Captioner.from_pretrained(
+                args.model, task=args.task, device=args.device, dtype=args.dtype, hub=args.hub, prompt=args.prompt
+            )
+            print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
+                  f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
+        result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
+        if len(args.paths) > 1:
+            print(f"# {path}")
+        print(result.text, flush=True)
+        print(_figures(result), file=sys.stderr)
+        if args.output_dir:
+            write_result(result, args.output_dir, args.format)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="acecap: warning: %(message)s", level=logging.WARNING)
+    # transformers' own notices (talker config checks, deprecations) mean nothing to a captioning user.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
+    from .devices import DeviceError
+    from .hub import ModelNotFound
+    from .model import CheckpointError
+
+    try:
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(args.device, args.dtype)
+        return caption_command(args)
+    except (DeviceError, ModelNotFound, CheckpointError, ValueError, OSError) as error:
+        _error(str(error))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Device and dtype resolution, synchronisation, memory and timing for cpu, cuda, npu and mps.
+
+Everything backend-specific lives here. torch_npu is imported only when an NPU is asked for
+(or probed by `auto`), so a missing or broken CANN never breaks CPU or GPU use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("cpu", "cuda", "npu", "mps")
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+# Without expandable segments the NPU caching allocator fragments badly on variable-length batches.
+NPU_ALLOC_CONF = "expandable_segments:True"
+
+
+class DeviceError(RuntimeError):
+    """A device or dtype that cannot be used here, with a message meant for a person."""
+
+
+def _load_torch_npu() -> None:
+    """Import torch_npu once; raise DeviceError with advice instead of a CANN traceback."""
+    if "torch_npu" in sys.modules:
+        return
+    os.environ.setdefault("PYTORCH_NPU_ALLOC_CONF", NPU_ALLOC_CONF)
+    if importlib.util.find_spec("torch_npu") is None:
+        raise DeviceError(
+            "npu requested but torch_npu is not installed: install CANN and the torch_npu release "
+            f"built for torch {torch.__version__.split('+')[0]} (README: 'Ascend NPU')"
+        )
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as error:  # a broken CANN raises OSError, ImportError or RuntimeError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DeviceError(
+            f"torch_npu is installed but could not be loaded ({first_line}); "
+            "source CANN's set_env.sh (e.g. /usr/local/Ascend/ascend-toolkit/set_env.sh) and check that "
+            "torch_npu matches torch and CANN (README: 'Ascend NPU')"
+        ) from None
+
+
+def _npu_count() -> int:
+    _load_torch_npu()
+    return torch.npu.device_count() if torch.npu.is_available() else 0
+
+
+def _count(kind: str) -> int:
+    if kind == "cpu":
+        return 1
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    return _npu_count()
+
+
+def choose_auto(npu: int, cuda: int, mps: int) -> str:
+    """The device `auto` means, given how many of each accelerator are usable: npu > cuda > mps > cpu."""
+    if npu:
+        return "npu:0"
+    if cuda:
+        return "cuda:0"
+    if mps:
+        return "mps"
+    return "cpu"
+
+
+def _auto_npu_count() -> int:
+    # `auto` only probes the NPU where torch_npu is installed, and falls back quietly if CANN is broken.
+    if importlib.util.find_spec("torch_npu") is None:
+        return 0
+    try:
+        return _npu_count()
+    except DeviceError as error:
+        print(f"acecap: warning: {error}; not using the NPU", file=sys.stderr)
+        return 0
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn `auto`, `cpu`, `cuda[:i]`, `npu[:i]` or `mps` into a usable torch.device, or raise DeviceError."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        spec = choose_auto(_auto_npu_count(), _count("cuda"), _count("mps"))
+    kind, _, index_text = spec.partition(":")
+    if kind not in KINDS:
+        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda[:i], npu[:i] or mps")
+    if index_text and (not index_text.isdigit() or kind in ("cpu", "mps")):
+        raise DeviceError(f"bad device {spec!r}: only cuda and npu take an index, like cuda:1")
+    index = int(index_text) if index_text else 0
+    count = _count(kind)
+    if count == 0:
+        raise DeviceError(f"device {spec!r} is not available on this machine (torch {torch.__version__})")
+    if index >= count:
+        raise DeviceError(f"device {spec!r} does not exist: this machine has {count} {kind} device(s)")
+    return torch.device(kind) if kind in ("cpu", "mps") else torch.device(kind, index)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on accelerators and fp32 on cpu; otherwise bf16, fp16 or fp32."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if spec not in DTYPES:
+        raise DeviceError(f"unknown dtype {spec!r}: use auto, bf16, fp16 or fp32")
+    return DTYPES[spec]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _backend(device: torch.device):
+    """The torch.<backend> module with the memory and synchronize API of this device, or None for cpu."""
+    return {"cuda": torch.cuda, "npu": getattr(torch, "npu", None), "mps": torch.mps}.get(device.type)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on the device, so wall-clock timings mean something."""
+    if device.type in ("cuda", "npu"):
+        _backend(device).synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def now(device: torch.device) -> float:
+    """A timestamp taken after the device has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type in ("cuda", "npu"):
+        _backend(device).reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes allocated on the device since the last reset; the process's peak RSS on cpu."""
+    if device.type in ("cuda", "npu"):
+        return int(_backend(device).max_memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def memory_info(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes on the device, or None where the backend cannot tell."""
+    if device.type in ("cuda", "npu"):
+        free, total = _backend(device).mem_get_info(device)
+        return int(free), int(total)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_AVPHYS_PAGES"), page * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the device, like 'NVIDIA H100 80GB HBM3' or 'Ascend910B2'."""
+    if device.type in ("cuda", "npu"):
+        return str(_backend(device).get_device_name(device))
+    if device.type == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
+    return device.type
+
+
+@dataclass(frozen=True)
+class Available:
+    """What accelerators this process can use, for `acecap doctor`."""
+
+    cuda: int
+    npu: int | str  # a count, or the reason torch_npu could not be loaded
+    mps: bool
+
+
+def available() -> Available:
+    try:
+        npu: int | str = _npu_count() if importlib.util.find_spec("torch_npu") else "torch_npu not installed"
+    except DeviceError as error:
+        npu = str(error)
+    return Available(cuda=_count("cuda"), npu=npu, mps=bool(_count("mps")))

@@ -1,0 +1,86 @@
+"""`acecap doctor`: what this machine has, and a tiny model run end to end on the chosen device."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from . import devices
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _cann() -> str:
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if not home:
+        return "not found (ASCEND_TOOLKIT_HOME unset; source set_env.sh)"
+    info = Path(home) / "version.cfg"
+    return f"{home} ({info.read_text().split()[0]})" if info.is_file() else home
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB"
+
+
+def environment_lines() -> list[str]:
+    import torch
+    import transformers
+
+    lines = [
+        f"python        {sys.version.split()[0]} ({platform.platform()})",
+        f"torch         {torch.__version__} (cuda {torch.version.cuda or '-'})",
+        f"transformers  {transformers.__version__}",
+        f"torchvision   {_version('torchvision')}",
+        f"torch_npu     {_version('torch_npu')}",
+        f"CANN          {_cann()}",
+        f"PYTORCH_NPU_ALLOC_CONF={os.environ.get('PYTORCH_NPU_ALLOC_CONF', '(unset)')}",
+    ]
+    found = devices.available()
+    lines.append(f"cuda devices  {found.cuda}")
+    lines.append(f"npu devices   {found.npu}")
+    lines.append(f"mps           {'yes' if found.mps else 'no'}")
+    for kind, count in (("cuda", found.cuda), ("npu", found.npu if isinstance(found.npu, int) else 0)):
+        for index in range(count):
+            device = devices.resolve_device(f"{kind}:{index}")
+            free, total = devices.memory_info(device)
+            lines.append(f"  {device}: {devices.device_name(device)}, {_gib(free)} free of {_gib(total)}")
+    cpu_memory = devices.memory_info(devices.resolve_device("cpu"))
+    if cpu_memory:
+        lines.append(f"cpu memory    {_gib(cpu_memory[0])} free of {_gib(cpu_memory[1])}")
+    return lines
+
+
+def run_doctor(device: str = "auto", dtype: str = "auto") -> int:
+    """Print the environment, then caption a 3 s tone with a tiny random model; 0 if it all works."""
+    from .captioner import Captioner
+    from .generate import Decoding
+    from .tiny import write_tiny
+
+    for line in environment_lines():
+        print(line)
+    print(f"\nrunning a tiny random model on {device} ...")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="acecap-doctor-") as folder:
+        write_tiny(folder)
+        captioner = Captioner.from_pretrained(folder, device=device, dtype=dtype)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * 16000) / 16000).astype(np.float32)
+        result = captioner.caption(tone, Decoding(max_new_tokens=16, ignore_eos=True), sample_rate=16000)
+    peak = devices.peak_memory(captioner.device)
+    print(f"device        {result.device} ({devices.device_name(captioner.device)}), dtype {result.dtype}")
+    print(f"tiny model    {result.tokens} tokens, first token {result.timings.first_token_s * 1000:.0f} ms, "
+          f"{result.timings.decode_tokens_per_s:.1f} tok/s, peak memory {_gib(peak)}")  # fmt: skip
+    print(f"ok: acecap works on {result.device} ({time.perf_counter() - start:.1f} s); "
+          "the real model needs ~17 GB of device memory in bf16")  # fmt: skip
+    return 0

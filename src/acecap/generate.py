@@ -1,0 +1,94 @@
+"""A batch in, generated tokens and timings out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from . import devices
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to pick tokens. Greedy (temperature 0) unless asked otherwise."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy; > 0 samples
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # for sampling; greedy needs none
+    ignore_eos: bool = False  # decode exactly max_new_tokens, for benchmarks and tests
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+@dataclass
+class Generated:
+    """Tokens of each row (end token included when reached) and the batch's timings."""
+
+    tokens: list[list[int]]
+    finished: list[bool]  # True where the model ended the text itself, False where max_new_tokens cut it
+    first_token_s: float  # prefill: from the call to the first token's logits
+    total_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per stream after the first token."""
+        steps = max(len(row) for row in self.tokens) - 1
+        decode_s = self.total_s - self.first_token_s
+        return steps / decode_s if steps > 0 and decode_s > 0 else 0.0
+
+
+class _FirstTokenClock(LogitsProcessor):
+    """Notes when the first logits exist; generate() calls logits processors once per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.at is None:
+            self.at = devices.now(self.device)
+        return scores
+
+
+def generate(model, inputs: dict, decoding: Decoding, end_ids: list[int], pad_id: int) -> Generated:
+    """Run the thinker's generate on one prepared batch (left-padded) and cut each row at its end token."""
+    device = model.device
+    clock = _FirstTokenClock(device)
+    options = {
+        "max_new_tokens": decoding.max_new_tokens,
+        "eos_token_id": end_ids,
+        "pad_token_id": pad_id,
+        "logits_processor": LogitsProcessorList([clock]),
+        "repetition_penalty": decoding.repetition_penalty,
+        "do_sample": decoding.temperature > 0,
+    }
+    if decoding.temperature > 0:
+        options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+        if decoding.seed is not None:
+            torch.manual_seed(decoding.seed)
+    if decoding.ignore_eos:
+        options["min_new_tokens"] = decoding.max_new_tokens
+    prompt_length = inputs["input_ids"].shape[1]
+    start = devices.now(device)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **options)
+    end = devices.now(device)
+    rows, finished = [], []
+    for row in output[:, prompt_length:].tolist():
+        stop = next((i for i, token in enumerate(row) if token in end_ids), None)
+        finished.append(stop is not None)
+        rows.append(row if stop is None else row[: stop + 1])
+    first = (clock.at if clock.at is not None else end) - start
+    return Generated(tokens=rows, finished=finished, first_token_s=first, total_s=end - start)
