@@ -150,9 +150,7 @@ class Captioner:
         samples = [clip.samples[:keep] for clip in clips]
         for clip in clips:
             if clip.duration > max_duration:
-                log.warning(
-                    "%s: %.1f s long; captioning the first %.0f s only", clip.source, clip.duration, max_duration
-                )
+                log.warning("%s: %.1f s long; captioning the first %g s", clip.source, clip.duration, max_duration)
         start = devices.now(self.device)
         inputs = self._features(samples)
         generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id)

@@ -32,9 +32,31 @@ class DeviceError(RuntimeError):
     """A device or dtype that cannot be used here, with a message meant for a person."""
 
 
+_npu_failure: str | None = None  # why an installed torch_npu could not be loaded
+
+
+def guard_torch_npu() -> None:
+    """Load an installed torch_npu before transformers does, and hide it if CANN is broken.
+
+    transformers (4.57 and 5.x) imports any installed torch_npu unguarded at import time, so a broken
+    CANN would crash it. Where loading fails, the reason is kept for `--device npu` and torch_npu is
+    marked absent, so CPU and GPU use go on.
+    """
+    global _npu_failure
+    if _npu_failure is not None or importlib.util.find_spec("torch_npu") is None:
+        return
+    try:
+        _load_torch_npu()
+    except DeviceError as error:
+        _npu_failure = str(error)
+        sys.modules["torch_npu"] = None  # find_spec and import now treat it as not installed
+
+
 def _load_torch_npu() -> None:
     """Import torch_npu once; raise DeviceError with advice instead of a CANN traceback."""
-    if "torch_npu" in sys.modules:
+    if _npu_failure is not None:
+        raise DeviceError(_npu_failure)
+    if sys.modules.get("torch_npu") is not None:
         return
     os.environ.setdefault("PYTORCH_NPU_ALLOC_CONF", NPU_ALLOC_CONF)
     if importlib.util.find_spec("torch_npu") is None:
@@ -80,8 +102,8 @@ def choose_auto(npu: int, cuda: int, mps: int) -> str:
 
 
 def _auto_npu_count() -> int:
-    # `auto` only probes the NPU where torch_npu is installed, and falls back quietly if CANN is broken.
-    if importlib.util.find_spec("torch_npu") is None:
+    # `auto` only probes the NPU where torch_npu is installed, and falls back with a warning if CANN is broken.
+    if _npu_failure is None and importlib.util.find_spec("torch_npu") is None:
         return 0
     try:
         return _npu_count()
@@ -189,7 +211,8 @@ class Available:
 
 def available() -> Available:
     try:
-        npu: int | str = _npu_count() if importlib.util.find_spec("torch_npu") else "torch_npu not installed"
+        installed = _npu_failure is not None or importlib.util.find_spec("torch_npu") is not None
+        npu: int | str = _npu_count() if installed else "torch_npu not installed"
     except DeviceError as error:
         npu = str(error)
     return Available(cuda=_count("cuda"), npu=npu, mps=bool(_count("mps")))

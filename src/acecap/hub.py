@@ -74,7 +74,7 @@ def resolve_model(model: str, hub: str = "auto") -> Path:
     advice = f"download it elsewhere and pass --model /path/to/folder (a copy of the {model} repository)"
     if offline():
         raise ModelNotFound(
-            f"{model} is not in the ModelScope or Hugging Face cache and HF_HUB_OFFLINE is set; {advice}"
+            f"{model} is in neither the ModelScope nor the Hugging Face cache, and HF_HUB_OFFLINE is set; {advice}"
         )
     failures = []
     for name in hubs:

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+from conftest import run_acecap
+
+PROMPT_TEXT = ("Describe this audio", "You are a helpful assistant", "system", "assistant")
+
+
+@pytest.mark.parametrize("name", ["tone.wav", "tone.flac", "tone.mp3", "tone.ogg", "stereo24.wav"])
+def test_caption_prints_only_the_generated_text(tiny_model, audio_dir, name):
+    result = run_acecap("caption", str(audio_dir / name), "--model", str(tiny_model), "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert not any(text in result.stdout for text in PROMPT_TEXT)
+    assert f"{audio_dir / name}: 3.0 s audio, 6 tokens" in result.stderr
+
+
+def test_output_files_in_each_format(tiny_model, audio_dir, tmp_path):
+    files = [str(audio_dir / "tone.wav"), str(audio_dir / "tone.m4a")]
+    for fmt in ("txt", "json", "jsonl"):
+        args = ["caption", *files, "--model", str(tiny_model), "--max-new-tokens", "4", "-o", str(tmp_path), "-f", fmt]
+        result = run_acecap(*args)
+        assert result.returncode == 2, result.stderr  # tone.wav and tone.m4a share the name "tone"
+        assert "would write the same output files" in result.stderr
+    files = [str(audio_dir / "tone.wav"), str(audio_dir / "stereo24.wav")]
+    for fmt in ("txt", "json", "jsonl"):
+        args = ["caption", *files, "--model", str(tiny_model), "--max-new-tokens", "4", "-o", str(tmp_path), "-f", fmt]
+        result = run_acecap(*args)
+        assert result.returncode == 0, result.stderr
+    captions = result.stdout.split("# ")[1:]
+    assert len(captions) == 2
+    assert (tmp_path / "tone.caption.txt").read_text().strip() == captions[0].split("\n", 1)[1].strip()
+    record = json.loads((tmp_path / "stereo24.caption.json").read_text())
+    assert record["tokens"] == 4 and record["dtype"] == "fp32" and record["truncated"] is False
+    lines = (tmp_path / "caption.jsonl").read_text().splitlines()
+    assert [json.loads(line)["source"] for line in lines] == files
+
+
+def one_error_line(result) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("acecap: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_hub_id_while_offline(audio_dir, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms")}
+    error = one_error_line(run_acecap("caption", str(audio_dir / "tone.wav"), env=env))
+    assert "ACE-Step/acestep-captioner" in error and "--model" in error
+
+
+def test_missing_file(tiny_model, audio_dir):
+    error = one_error_line(run_acecap("caption", str(audio_dir / "nope.wav"), "--model", str(tiny_model)))
+    assert "nope.wav: no such file" in error
+
+
+def test_non_audio_file(tiny_model, audio_dir):
+    error = one_error_line(run_acecap("caption", str(audio_dir / "notes.txt"), "--model", str(tiny_model)))
+    assert "notes.txt: not an audio file" in error
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "npu:0", "mps", "tpu"])
+def test_unavailable_device(tiny_model, audio_dir, device):
+    result = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--device", device)
+    assert "device" in one_error_line(result) or "npu" in one_error_line(result)
+
+
+def test_a_bad_file_does_not_stop_the_others(tiny_model, audio_dir):
+    files = [str(audio_dir / "notes.txt"), str(audio_dir / "tone.wav"), str(audio_dir / "empty.wav")]
+    result = run_acecap("caption", *files, "--model", str(tiny_model), "--max-new-tokens", "3")
+    assert result.returncode == 1
+    assert f"# {audio_dir / 'tone.wav'}" in result.stdout
+    assert "notes.txt: not an audio file" in result.stderr and "empty.wav: empty file" in result.stderr
+
+
+def test_lyrics_task_uses_the_transcription_prompt(tiny_model, audio_dir, tmp_path):
+    args = ["caption", str(audio_dir / "tone.wav"), "--task", "lyrics", "--model", str(tiny_model)]
+    result = run_acecap(*args, "--max-new-tokens", "3", "-o", str(tmp_path), "-f", "json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "tone.lyrics.json").read_text())
+    assert record["prompt"] == "*Task* Transcribe this audio in detail" and record["task"] == "lyrics"
+
+
+def test_doctor_runs_the_tiny_model_end_to_end():
+    result = run_acecap("doctor", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    for expected in ("python", "torch", "transformers", "torch_npu", "CANN", "ok: acecap works on cpu"):
+        assert expected in result.stdout
+    assert "16 tokens" in result.stdout
+
+
+def test_help_teaches():
+    result = run_acecap("caption", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--hub", "--device", "--dtype", "--max-new-tokens", "--max-duration", "--prompt", "-f"):
+        assert flag in result.stdout
