@@ -128,3 +128,12 @@ def test_cli_with_broken_cann_fails_npu_in_one_line_and_still_runs_on_cpu(tmp_pa
     assert len(errors) == 1 and "libhccl.so" in errors[0] and "Traceback" not in npu.stderr
     cpu = _python([*args, "--device", "cpu"], env)
     assert cpu.returncode == 0, cpu.stderr
+
+
+def test_weights_that_cannot_fit_are_refused_with_advice():
+    cpu = torch.device("cpu")
+    devices.check_fits(10 * 2**30, cpu, torch.bfloat16, free=20 * 2**30)
+    with pytest.raises(DeviceError, match=r"need 33.0 GiB in fp32 but cpu has 16.0 GiB free; use --dtype bf16"):
+        devices.check_fits(int(33 * 2**30), cpu, torch.float32, free=16 * 2**30)
+    with pytest.raises(DeviceError, match=r"need 16.5 GiB in bf16 .* free memory or choose another device"):
+        devices.check_fits(int(16.5 * 2**30), cpu, torch.bfloat16, free=8 * 2**30)

@@ -69,3 +69,14 @@ def test_hugging_face_cache_is_found_offline(tmp_path, tiny_model):
         result = _resolve("ACE-Step/acestep-captioner", hub, env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(snapshot)
+
+
+def test_modelscope_cache_of_older_releases_is_found_offline(tmp_path, tiny_model):
+    """ModelScope <= 1.37 (the seed used 1.33) kept models in MODELSCOPE_CACHE/models/<owner>/<name>."""
+    folder = tmp_path / "ms" / "models" / "ACE-Step" / "acestep-captioner"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
+    for hub in ("modelscope", "auto"):
+        result = _resolve("ACE-Step/acestep-captioner", hub, {**_isolated(tmp_path), "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(folder)

@@ -11,12 +11,14 @@ from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
 from acecap import compat
 from acecap.model import (
+    RESIDENT_PARAMETERS_7B,
     TASKS,
     AudioThinker,
     load_processor,
     load_thinker,
     parameter_count,
     render_prompt,
+    resident_parameters,
     thinker_config,
 )
 
@@ -44,7 +46,7 @@ def test_7b_shapes_keep_at_most_8_26_billion_parameters(seven_b_folder):
     # The reference: the whole checkpoint the seed loads, and its parts.
     assert parameter_count(full) == 10_732_225_408
     assert parameter_count(full.thinker) == 8_931_813_888
-    assert parameter_count(lean) == 8_931_813_888 - 676_550_144  # thinker minus the vision tower
+    assert parameter_count(lean) == 8_931_813_888 - 676_550_144 == RESIDENT_PARAMETERS_7B  # minus the vision tower
     assert parameter_count(lean) <= 8.26e9
     names = [name for name, _ in lean.named_parameters()]
     assert not any("visual" in n or "talker" in n or "token2wav" in n for n in names)
@@ -125,3 +127,8 @@ def test_features_padded_to_the_clip_equal_the_processors_300_s_padding(tiny_mod
     assert default["input_features"].shape[-1] == 30000 and short["input_features"].shape[-1] < 800
     assert torch.equal(short["input_features"][..., :frames], default["input_features"][..., :frames])
     assert torch.equal(short["input_ids"], default["input_ids"])
+
+
+def test_resident_parameters_are_read_from_the_checkpoint_headers(tiny_model):
+    model = load_thinker(tiny_model, torch.device("cpu"), torch.float32)
+    assert resident_parameters(tiny_model) == parameter_count(model)

@@ -14,7 +14,7 @@ from . import devices
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
 from .generate import Decoding, generate
 from .hub import resolve_model
-from .model import TASKS, load_processor, load_thinker, render_prompt
+from .model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 
 log = logging.getLogger("acecap")
 
@@ -97,6 +97,7 @@ class Captioner:
         torch_dtype = devices.resolve_dtype(dtype, torch_device)
         name = str(model or TASKS[task].model_id)
         folder = resolve_model(name, hub)
+        devices.check_fits(resident_parameters(folder) * torch_dtype.itemsize, torch_device, torch_dtype)
         start = time.perf_counter()
         thinker = load_thinker(folder, torch_device, torch_dtype)
         processor = load_processor(folder)

@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -185,10 +186,28 @@ def memory_info(device: torch.device) -> tuple[int, int] | None:
     if device.type in ("cuda", "npu"):
         free, total = _backend(device).mem_get_info(device)
         return int(free), int(total)
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return page * os.sysconf("SC_AVPHYS_PAGES"), page * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and Path("/proc/meminfo").is_file():
+        # MemAvailable counts reclaimable page cache, which free pages alone do not.
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
     return None
+
+
+def check_fits(weight_bytes: int, device: torch.device, dtype: torch.dtype, free: int | None = None) -> None:
+    """Refuse up front, with advice, to load weights that cannot fit, instead of dying mid-load."""
+    if free is None:
+        info = memory_info(device)
+        if info is None:
+            return
+        free = info[0]
+    if weight_bytes <= free:
+        return
+    need, have = weight_bytes / 2**30, free / 2**30
+    advice = "use --dtype bf16 to halve it, or " if dtype == torch.float32 else ""
+    raise DeviceError(
+        f"the model's weights need {need:.1f} GiB in {dtype_name(dtype)} but {device} has {have:.1f} GiB free; "
+        f"{advice}free memory or choose another device"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -196,7 +215,7 @@ def device_name(device: torch.device) -> str:
     if device.type in ("cuda", "npu"):
         return str(_backend(device).get_device_name(device))
     if device.type == "cpu":
-        return f"cpu ({os.cpu_count()} cores)"
+        return f"{os.cpu_count()} CPU cores"
     return device.type
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import devices
+from .model import RESIDENT_PARAMETERS_7B
 
 
 def _version(package: str) -> str:
@@ -81,6 +82,11 @@ def run_doctor(device: str = "auto", dtype: str = "auto") -> int:
     print(f"device        {result.device} ({devices.device_name(captioner.device)}), dtype {result.dtype}")
     print(f"tiny model    {result.tokens} tokens, first token {result.timings.first_token_s * 1000:.0f} ms, "
           f"{result.timings.decode_tokens_per_s:.1f} tok/s, peak memory {_gib(peak)}")  # fmt: skip
-    print(f"ok: acecap works on {result.device} ({time.perf_counter() - start:.1f} s); "
-          "the real model needs ~17 GB of device memory in bf16")  # fmt: skip
+    need = RESIDENT_PARAMETERS_7B * captioner.dtype.itemsize
+    info = devices.memory_info(captioner.device)
+    room = f", {_gib(info[0])} free now" if info else ""
+    if info and need > info[0]:
+        room += " (does not fit" + ("; --dtype bf16 halves it)" if result.dtype == "fp32" else ")")
+    print(f"real model    ACE-Step weights need {_gib(need)} in {result.dtype} on {result.device}{room}")
+    print(f"ok: acecap works on {result.device} ({time.perf_counter() - start:.1f} s)")
     return 0

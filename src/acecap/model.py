@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ class Task:
     model_id: str
     prompt: str
 
+
+# What AudioThinker holds for the released 7B checkpoints (tests/test_model.py checks it on the 7B config).
+RESIDENT_PARAMETERS_7B = 8_255_263_744
 
 TASKS = {
     "caption": Task("caption", "ACE-Step/acestep-captioner", "*Task* Describe this audio in detail"),
@@ -91,3 +95,16 @@ def render_prompt(processor: Qwen2_5OmniProcessor, prompt: str) -> str:
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def resident_parameters(folder: str | Path) -> int:
+    """Parameters AudioThinker will hold, read from the checkpoint's safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as weights:
+            for key in weights.keys():
+                if key.startswith("thinker.") and not key.startswith("thinker.visual."):
+                    total += math.prod(weights.get_slice(key).get_shape())
+    return total
