@@ -13,7 +13,7 @@ import torch
 from . import devices
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
 from .generate import Decoding, generate
-from .hub import resolve_model
+from .hub import resolve_model, revision_of
 from .model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 
 log = logging.getLogger("acecap")
@@ -63,12 +63,23 @@ class Captioner:
     >>> captioner.caption("song.mp3").text
     """
 
-    def __init__(self, thinker, processor, *, task: str, prompt: str, model_name: str, load_s: float):
+    def __init__(
+        self,
+        thinker,
+        processor,
+        *,
+        task: str,
+        prompt: str,
+        model_name: str,
+        load_s: float,
+        revision: str | None = None,
+    ):
         self.thinker = thinker
         self.processor = processor
         self.task = task
         self.prompt = prompt
         self.model_name = model_name
+        self.revision = revision  # the hub commit, where the folder is a hub snapshot
         self.load_s = load_s
         self.device: torch.device = thinker.device
         self.dtype: torch.dtype = thinker.dtype
@@ -102,7 +113,9 @@ class Captioner:
         thinker = load_thinker(folder, torch_device, torch_dtype)
         processor = load_processor(folder)
         load_s = devices.now(torch_device) - start
-        return cls(thinker, processor, task=task, prompt=prompt or TASKS[task].prompt, model_name=name, load_s=load_s)
+        prompt = prompt or TASKS[task].prompt
+        revision = revision_of(folder)
+        return cls(thinker, processor, task=task, prompt=prompt, model_name=name, load_s=load_s, revision=revision)
 
     def max_duration_limit(self, decoding: Decoding) -> float:
         """The longest audio (s) whose tokens, the prompt and max_new_tokens fit the context."""

@@ -80,6 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(caption)
     _generation_options(caption)
 
+    annotate = commands.add_parser(
+        "annotate", help="label whole folders into OUT/annotations.jsonl: batched, resumable, robust",
+        description="Caption every audio file under the inputs (folders are searched recursively; .txt, .csv "
+        "and .jsonl manifests list files) into OUT/annotations.jsonl, one record per file. Run the same "
+        "command again to finish an interrupted run: finished files are skipped. A file that cannot be "
+        "read gets an error record and the run goes on; the exit status is 1 if any file failed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ANNOTATE_EXAMPLES,
+    )  # fmt: skip
+    annotate.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, audio files or manifests")
+    annotate.add_argument("-o", "--output-dir", type=Path, required=True, help="where annotations.jsonl goes")
+    annotate.add_argument("-f", "--format", choices=["txt"], action="append", default=[],
+                          help="also write OUT/<relative path>.<task>.txt per file")  # fmt: skip
+    _model_options(annotate)
+    annotate.add_argument("--devices", help="several devices, one process each: 'all' or a list like npu:0,npu:1 "
+                          "(cuda:0,cuda:1; cpu,cpu for testing). Overrides --device")  # fmt: skip
+    _generation_options(annotate)
+    group = annotate.add_argument_group("dataset")
+    group.add_argument("--batch-size", type=int, help="clips per batch (default 16 on npu/cuda in bf16, else 8)")
+    group.add_argument(
+        "--long-audio",
+        choices=["truncate", "segment", "full"],
+        default="truncate",
+        help="truncate: caption the first --max-duration seconds (default); full: the whole "
+        "song up to the context limit; segment: caption consecutive windows",
+    )
+    group.add_argument("--segment-seconds", type=float, default=60.0, help="window length for segment (default 60)")
+    group.add_argument("--overwrite", action="store_true", help="redo files that earlier runs finished")
+    group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -91,6 +121,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ANNOTATE_EXAMPLES = """\
+examples:
+  acecap annotate songs/ -o labels                 everything under songs/ into labels/annotations.jsonl
+  acecap annotate songs/ -o labels -f txt          also labels/<relative path>.caption.txt
+  acecap annotate list.csv -o labels --devices all one process per NPU or GPU
+  acecap annotate songs/ -o labels --shard 3/8     this machine's eighth of the files
+"""
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard {text!r}: use i/N with 0 <= i < N, like 0/4")
+    return int(index), int(count)
+
+
+def annotate_command(args: argparse.Namespace) -> int:
+    from .annotate import Job, annotate, summary_table
+    from .devices import expand_devices
+
+    job = Job(
+        inputs=args.inputs,
+        output_dir=args.output_dir,
+        task=args.task,
+        model=args.model,
+        hub=args.hub,
+        devices=expand_devices(args.devices or args.device),
+        dtype=args.dtype,
+        prompt=args.prompt,
+        decoding=_decoding(args),
+        batch_size=args.batch_size,
+        long_audio=args.long_audio,
+        max_duration=args.max_duration,
+        segment_seconds=args.segment_seconds,
+        overwrite=args.overwrite,
+        write_txt="txt" in args.format,
+        shard=_shard(args.shard),
+    )
+    summary = annotate(job, progress=not args.quiet)
+    print(summary_table(summary), file=sys.stderr)
+    print(f"records: {job.output_dir / 'annotations.jsonl'}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def _decoding(args: argparse.Namespace):
+    from .generate import Decoding
+
+    return Decoding(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -98,6 +186,11 @@ def _version() -> str:
         return version("acecap")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _lowercase_level(record: logging.LogRecord) -> bool:
+    record.levelname = record.levelname.lower()
+    return True
 
 
 def _error(message: str) -> None:
@@ -117,16 +210,9 @@ def caption_command(args: argparse.Namespace) -> int:
     from .audio import AudioError, load_audio
     from .captioner import Captioner
     from .devices import dtype_name
-    from .generate import Decoding
     from .writers import check_unique_names, write_result
 
-    decoding = Decoding(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    decoding = _decoding(args)
     if args.output_dir:
         check_unique_names(args.paths)
     captioner = None
@@ -158,7 +244,9 @@ def caption_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="acecap: warning: %(message)s", level=logging.WARNING)
+    quiet = getattr(args, "quiet", False) or args.command != "annotate"
+    logging.basicConfig(format="acecap: %(levelname)s: %(message)s", level=logging.WARNING if quiet else logging.INFO)
+    logging.getLogger().handlers[0].addFilter(_lowercase_level)
     # transformers' own notices (talker config checks, deprecations) mean nothing to a captioning user.
     from transformers.utils import logging as transformers_logging
 
@@ -166,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
     from .devices import DeviceError
     from .hub import ModelNotFound
+    from .inputs import ManifestError
     from .model import CheckpointError
 
     try:
@@ -173,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(args.device, args.dtype)
+        if args.command == "annotate":
+            return annotate_command(args)
         return caption_command(args)
-    except (DeviceError, ModelNotFound, CheckpointError, ValueError, OSError) as error:
+    except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         _error(str(error))
         return 2
     except KeyboardInterrupt:

@@ -235,3 +235,27 @@ def available() -> Available:
     except DeviceError as error:
         npu = str(error)
     return Available(cuda=_count("cuda"), npu=npu, mps=bool(_count("mps")))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Device (or host) allocation failure: torch's OutOfMemoryError, or torch_npu's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def empty_cache(device: torch.device) -> None:
+    """Return cached blocks to the device after an out-of-memory, so a smaller retry can fit."""
+    if device.type in ("cuda", "npu", "mps"):
+        _backend(device).empty_cache()
+
+
+def expand_devices(spec: str) -> list[str]:
+    """`all` → every card of the preferred accelerator (else one cpu); a comma list → its items."""
+    if spec.strip().lower() == "all":
+        first = choose_auto(_auto_npu_count(), _count("cuda"), _count("mps"))
+        kind = first.partition(":")[0]
+        if kind in ("cuda", "npu"):
+            return [f"{kind}:{index}" for index in range(_count(kind))]
+        return [first]
+    return [part.strip() for part in spec.split(",") if part.strip()]

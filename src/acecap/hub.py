@@ -83,3 +83,8 @@ def resolve_model(model: str, hub: str = "auto") -> Path:
         except Exception as error:  # network, authentication or missing-repo errors differ per client version
             failures.append(f"{name}: {_short(error)}")
     raise ModelNotFound(f"could not download {model} ({'; '.join(failures)}); {advice}")
+
+
+def revision_of(folder: Path) -> str | None:
+    """The commit of a hub snapshot folder (…/snapshots/<revision>), or None for a plain folder."""
+    return folder.name if folder.parent.name == "snapshots" else None
