@@ -9,6 +9,7 @@ per file after every batch. A slow device simply takes fewer chunks.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -116,7 +117,7 @@ def _decode(item: Item) -> Decoded:
     try:
         identity = file_identity(item.path)
     except OSError:
-        identity = {"path": str(item.path.resolve()), "size": None, "mtime_ns": None}
+        identity = {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
     try:
         clip = load_audio(item.path)
     except AudioError as error:
@@ -344,7 +345,7 @@ def _start_workers(job: Job, run_id: str, pending: list[Item]):
     workers = [start(rank, device) for rank, device in enumerate(job.devices)]
     for worker in workers:
         worker.start()
-    return workers, events
+    return workers, work, events  # the caller keeps `work` alive: spawned children unpickle it late
 
 
 def annotate(job: Job, progress: bool = True) -> Summary:
@@ -358,7 +359,7 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     if skipped:
         log.info("%d of %d files were finished by an earlier run", skipped, summary.total)
     if pending:
-        workers, events = _start_workers(job, uuid.uuid4().hex[:8], pending)
+        workers, work, events = _start_workers(job, uuid.uuid4().hex[:8], pending)
         bar = tqdm(total=len(pending), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
         seen, live = 0, len(workers)
         while live:
@@ -397,6 +398,7 @@ def annotate(job: Job, progress: bool = True) -> Summary:
         bar.close()
         for worker in workers:
             worker.join(timeout=5)
+        del work
         summary.not_processed = len(pending) - seen
     merge(job.output_dir)
     summary.elapsed_s = time.perf_counter() - started

@@ -67,7 +67,7 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     except (av.error.FFmpegError, ValueError) as error:
         raise AudioError(f"cannot decode: {error}") from None
     if not chunks:
-        raise AudioError("the audio stream holds no samples")
+        raise AudioError("no audio could be decoded from it (corrupt, or not audio)")
     return np.concatenate(chunks).astype(np.float32, copy=False), rate
 
 

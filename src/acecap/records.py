@@ -22,9 +22,9 @@ PART_GLOB = "annotations.part-*.jsonl"
 
 
 def file_identity(path: Path) -> dict:
-    """Who a file is, cheaply: its resolved path, size and modification time (as rsync compares)."""
+    """Who a file is, cheaply: its absolute path, size and modification time (as rsync compares)."""
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def done_key(record: dict) -> tuple:

@@ -1,0 +1,226 @@
+import csv
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from conftest import encode_with_pyav, run_acecap
+
+from acecap import Decoding
+from acecap.annotate import Job, annotate
+from acecap.inputs import Item, discover, in_shard
+from acecap.records import ANNOTATIONS, load_records
+
+
+def write_tones(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Clips of different lengths (0.6–3.5 s) and pitches, some in sub-folders."""
+    rng = random.Random(seed)
+    paths = []
+    for index in range(count):
+        seconds = rng.uniform(0.6, 3.5)
+        t = np.arange(int(seconds * 16000)) / 16000
+        samples = 0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t)
+        path = folder / (f"part{index % 3}" if index % 2 else "") / f"clip{index:02d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, samples, 16000)
+        paths.append(path)
+    return paths
+
+
+def records_of(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / ANNOTATIONS).read_text().splitlines()]
+
+
+def texts(records: list[dict]) -> dict[str, str]:
+    return {r["path"]: r["caption"] for r in records}
+
+
+def job(tiny_model, inputs, output, **options) -> Job:
+    defaults = {"decoding": Decoding(max_new_tokens=6), "devices": ["cpu"]}
+    return Job(inputs=[str(i) for i in inputs], output_dir=output, model=str(tiny_model), **{**defaults, **options})
+
+
+def test_batched_run_equals_one_by_one(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 9)
+    batched = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "b8", batch_size=8), progress=False)
+    single = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "b1", batch_size=1), progress=False)
+    assert batched.ok and single.ok and batched.captioned == 9
+    assert texts(records_of(tmp_path / "b8")) == texts(records_of(tmp_path / "b1"))
+
+
+def make_bad_inputs(folder: Path) -> dict[str, str]:
+    """Eleven kinds of unusable input, each with (part of) the reason acecap must give."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "text.mp3").write_text("these are lyrics, not audio\n" * 20)
+    (folder / "noise.flac").write_bytes(np.random.default_rng(0).bytes(4000))
+    good = folder / "whole.wav"
+    soundfile.write(good, np.zeros(16000, dtype=np.float32), 16000)
+    (folder / "cut-header.wav").write_bytes(good.read_bytes()[:30])
+    good.unlink()
+    soundfile.write(folder / "no-frames.wav", np.zeros(0, dtype=np.float32), 16000)
+    soundfile.write(folder / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    soundfile.write(folder / "inf.wav", np.full(16000, np.inf, dtype=np.float32), 16000, subtype="FLOAT")
+    (folder / "dangling.wav").symlink_to(folder / "gone.wav")
+    (folder / "image.m4a").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    return {
+        "empty.wav": "empty file",
+        "text.mp3": "not an audio file",
+        "noise.flac": "corrupt",
+        "cut-header.wav": "",
+        "no-frames.wav": "no audio samples",
+        "nan.wav": "NaN or infinite",
+        "inf.wav": "NaN or infinite",
+        "folder.ogg": "folder",  # listed in the manifest
+        "dangling.wav": "no such file",
+        "image.m4a": "no audio stream",
+        "listed-but-missing.wav": "no such file",
+    }
+
+
+def test_bad_inputs_get_clear_errors_and_the_rest_finishes(tiny_model, tmp_path):
+    good = write_tones(tmp_path / "in", 4)
+    expected = make_bad_inputs(tmp_path / "in" / "bad")
+    soundfile.write(tmp_path / "in" / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
+    manifest = tmp_path / "extra.txt"
+    (tmp_path / "folder.ogg").mkdir()
+    manifest.write_text("in/bad/listed-but-missing.wav\nfolder.ogg\n")
+    result = run_acecap(
+        "annotate", str(tmp_path / "in"), str(manifest), "-o", str(tmp_path / "out"),
+        "--model", str(tiny_model), "--max-new-tokens", "4", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    by_name = {Path(r["path"]).name: r for r in records_of(tmp_path / "out")}
+    assert len(by_name) == len(good) + len(expected) + 1
+    for name, reason in expected.items():
+        assert by_name[name]["error"], name
+        assert reason in by_name[name]["error"], (name, by_name[name]["error"])
+        assert f"FAILED {by_name[name]['path']}: " in result.stderr
+    for path in good:
+        assert by_name[path.name]["error"] is None and by_name[path.name]["caption"]
+    silent = by_name["silence.wav"]
+    assert silent["error"] is None and silent["silent"] is True and silent["caption"]
+    assert f"failed         {len(expected)}" in result.stderr
+
+
+def test_resume_skips_finished_files_and_redoes_changed_ones(tiny_model, tmp_path):
+    paths = write_tones(tmp_path / "in", 5)
+    first = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    assert first.captioned == 5 and first.skipped == 0
+    soundfile.write(paths[0], np.zeros(8000, dtype=np.float32) + 0.1, 16000)  # new content
+    second = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    assert second.skipped == 4 and second.captioned == 1
+    records = records_of(tmp_path / "out")
+    assert len(records) == 5 and len({r["path"] for r in records}) == 5
+    changed = next(r for r in records if r["path"] == str(paths[0].resolve()))
+    assert changed["duration"] == 0.5
+    other_prompt = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out", prompt="*Task* Name it"), False)
+    assert other_prompt.skipped == 0 and other_prompt.captioned == 5
+    again = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out", overwrite=True), progress=False)
+    assert again.skipped == 0 and again.captioned == 5 and len(records_of(tmp_path / "out")) == 5
+
+
+def test_kill_at_any_moment_loses_nothing_done(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 40, seed=1)
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "acecap", "annotate", str(tmp_path / "in"), "-o", str(output),
+        "--model", str(tiny_model), "--max-new-tokens", "4", "--batch-size", "4", "--quiet",
+    ]  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(4):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for record in load_records(output):  # whatever is on disk is whole and valid
+            assert record["error"] is None and record["caption"] is not None
+    final = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    records = records_of(output)
+    assert sorted(Path(r["path"]).name for r in records) == [f"clip{i:02d}.wav" for i in range(40)]
+    assert all(r["error"] is None and r["caption"] for r in records)
+    assert not list(output.glob("annotations.part-*"))
+
+
+def test_a_torn_last_line_is_cut_off_and_redone(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 3)
+    annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    path = tmp_path / "out" / ANNOTATIONS
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # as if killed mid-write
+    summary = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    assert summary.skipped == 2 and summary.captioned == 1 and len(records_of(tmp_path / "out")) == 3
+
+
+def test_two_cpu_workers_give_the_same_records_as_one(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 12, seed=3)
+    one = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "one", batch_size=4), progress=False)
+    two = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "two", batch_size=4, devices=["cpu", "cpu"]), False)
+    assert one.ok and two.ok and two.captioned == 12
+    assert texts(records_of(tmp_path / "one")) == texts(records_of(tmp_path / "two"))
+    assert set(two.per_device) == {0, 1}
+
+
+def test_manifests_list_files(tmp_path):
+    paths = write_tones(tmp_path / "data", 3)
+    (tmp_path / "list.txt").write_text("\n".join(str(p.relative_to(tmp_path)) for p in paths) + "\n")
+    with (tmp_path / "list.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Path", "genre"])
+        writer.writerows([[str(p), "pop"] for p in paths])
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"audio_path": str(p)}) + "\n" for p in paths))
+    for manifest in ("list.txt", "list.csv", "list.jsonl"):
+        found = discover([tmp_path / manifest])
+        assert [item.path.resolve() for item in found] == [p.resolve() for p in paths], manifest
+
+
+def test_shards_partition_the_files(tmp_path):
+    items = [Item(tmp_path / f"song{i}.wav", Path(f"song{i}.wav")) for i in range(50)]
+    shares = [[item for item in items if in_shard(item, (index, 4))] for index in range(4)]
+    assert sorted(item.path for share in shares for item in share) == sorted(item.path for item in items)
+    assert all(share for share in shares)
+
+
+def test_segment_mode_captions_each_window(tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    soundfile.write(tmp_path / "in" / "song.wav", np.random.default_rng(0).standard_normal(16000 * 5) * 0.1, 16000)
+    summary = annotate(
+        job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment", segment_seconds=2), progress=False
+    )
+    assert summary.ok
+    (record,) = records_of(tmp_path / "out")
+    assert [(s["start"], s["end"]) for s in record["segments"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.0)]
+    assert all(s["text"] for s in record["segments"]) and not record["truncated"]
+
+
+def test_truncate_flags_and_txt_files_mirror_the_input_tree(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 4)
+    summary = annotate(
+        job(tiny_model, [tmp_path / "in"], tmp_path / "out", max_duration=1.0, write_txt=True), progress=False
+    )
+    assert summary.ok
+    records = records_of(tmp_path / "out")
+    assert all(r["truncated"] == (r["duration"] > 1.0) for r in records)
+    for record in records:
+        relative = Path(record["path"]).relative_to((tmp_path / "in").resolve()).with_suffix(".caption.txt")
+        assert (tmp_path / "out" / relative).read_text().strip() == record["caption"]
+
+
+def test_other_formats_decode_in_annotate(tiny_model, tmp_path, audio_dir):
+    encode_with_pyav(tmp_path / "song.m4a", np.zeros(16000, dtype=np.float32) + 0.01, 16000, "aac")
+    summary = annotate(job(tiny_model, [tmp_path / "song.m4a", audio_dir / "tone.opus"], tmp_path / "out"), False)
+    assert summary.ok and summary.captioned == 2
+
+
+def test_cli_annotate_reports_and_exits_zero_when_all_is_well(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 3)
+    result = run_acecap("annotate", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                        "--max-new-tokens", "3", "-f", "txt")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "captioned      3" in result.stderr and "files/min" in result.stderr
