@@ -224,3 +224,34 @@ def test_cli_annotate_reports_and_exits_zero_when_all_is_well(tiny_model, tmp_pa
                         "--max-new-tokens", "3", "-f", "txt")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "captioned      3" in result.stderr and "files/min" in result.stderr
+
+
+OUT_OF_MEMORY_RUN = """
+import json, resource, sys
+import numpy as np
+from acecap import Captioner, Decoding
+from acecap.annotate import _caption_splitting
+from acecap.audio import to_clip
+
+captioner = Captioner.from_pretrained(sys.argv[1], device="cpu")
+clips = [to_clip(np.random.default_rng(i).standard_normal(16000 * 60).astype(np.float32) * 0.1, 16000, str(i))
+         for i in range(8)]
+decoding = Decoding(max_new_tokens=3)
+alone = [captioner.caption_clips([clip], decoding)[0].text for clip in clips]
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
+# A batch of eight one-minute clips needs ~7 GB more than the loaded model, one clip ~1 GB: allow 3 GB.
+resource.setrlimit(resource.RLIMIT_AS, (size + 3 * 2**30, resource.RLIM_INFINITY))
+results = _caption_splitting(captioner, clips, decoding, 300.0)
+print(json.dumps({"alone": alone, "split": [r if isinstance(r, str) else r.text for r in results]}))
+"""
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
+    """A real allocation failure (address space capped), not a simulated one."""
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY_RUN, str(tiny_model)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["split"] == outcome["alone"]
+    assert "out of memory on a batch of 8; retrying in halves" in result.stderr

@@ -237,10 +237,13 @@ def available() -> Available:
     return Available(cuda=_count("cuda"), npu=npu, mps=bool(_count("mps")))
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # torch_npu's and the CPU allocator's words
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Device (or host) allocation failure: torch's OutOfMemoryError, or torch_npu's RuntimeError."""
+    """An allocation failure: torch's OutOfMemoryError (CUDA), or the RuntimeError of torch_npu or the CPU."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+        isinstance(error, RuntimeError) and any(words in str(error).lower() for words in OUT_OF_MEMORY)
     )
 
 
