@@ -255,3 +255,13 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["split"] == outcome["alone"]
     assert "out of memory on a batch of 8; retrying in halves" in result.stderr
+
+
+def test_batches_follow_length_and_bound_padding():
+    from acecap.annotate import _batches
+    from acecap.audio import Clip
+
+    clips = [Clip(np.zeros(int(seconds * 16000), dtype=np.float32), str(seconds)) for seconds in (9, 1, 2, 1.1, 30, 8)]
+    batches = [[c.source for c in batch] for batch in _batches(clips, 3, 300.0)]
+    assert batches == [["1", "1.1"], ["2"], ["8", "9"], ["30"]]
+    assert [[c.source for c in b] for b in _batches(clips[:2], 1, 300.0)] == [["1"], ["9"]]

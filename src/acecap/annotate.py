@@ -160,10 +160,21 @@ def _caption_splitting(captioner, clips: list[Clip], decoding: Decoding, max_dur
         )
 
 
-def _batches(clips: list, size: int) -> Iterator[list]:
-    ordered = sorted(clips, key=lambda c: c.duration)  # similar lengths together: little padding
-    for start in range(0, len(ordered), size):
-        yield ordered[start : start + size]
+MAX_PADDING = 0.25  # a batch may hold at most 25 % padding: padded positions cost as much as real ones
+
+
+def _batches(clips: list[Clip], size: int, max_duration: float) -> Iterator[list[Clip]]:
+    """Clips in order of length, cut into batches of at most `size` that waste little to padding."""
+    batch: list[Clip] = []
+    for clip in sorted(clips, key=lambda c: c.duration):
+        candidate = batch + [clip]
+        seconds = [min(c.duration, max_duration) for c in candidate]
+        if batch and (len(candidate) > size or len(candidate) * seconds[-1] > (1 + MAX_PADDING) * sum(seconds)):
+            yield batch
+            candidate = [clip]
+        batch = candidate
+    if batch:
+        yield batch
 
 
 class _Worker:
@@ -210,7 +221,7 @@ class _Worker:
     def _whole(self, good: list[Decoded]) -> list[dict]:
         by_clip = {id(d.clip): d for d in good}
         records = []
-        for batch in _batches([d.clip for d in good], self.batch_size):
+        for batch in _batches([d.clip for d in good], self.batch_size, self.max_duration):
             results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             batch_records = []
             for clip, result in zip(batch, results, strict=True):
@@ -245,7 +256,7 @@ class _Worker:
         by_clip = {id(w[2]): w for w in windows}
         texts: dict[int, list[dict]] = {id(d): [] for d in good}
         errors: dict[int, str] = {}
-        for batch in _batches([w[2] for w in windows], self.batch_size):
+        for batch in _batches([w[2] for w in windows], self.batch_size, self.max_duration):
             results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             for clip, result in zip(batch, results, strict=True):
                 decoded, start, _ = by_clip[id(clip)]
@@ -372,7 +383,7 @@ def annotate(job: Job, progress: bool = True) -> Summary:
             device = job.devices[rank]
             stats = summary.per_device.setdefault(rank, {"device": device, "files": 0, "audio_s": 0.0})
             if kind == "loaded":
-                stats["device"] = payload
+                stats["device"], stats["load_s"] = payload, extra
                 log.info("worker %d: model on %s in %.1f s", rank, payload, extra)
             elif kind == "fatal":
                 log.error("worker %d (%s) could not start: %s", rank, device, extra)

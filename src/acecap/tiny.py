@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -70,15 +71,43 @@ TOKEN_IDS = {
 }  # fmt: skip
 
 
-def full_config() -> dict:
-    """The config.json of a full (thinker + talker + token2wav) checkpoint with small shapes.
+@dataclass(frozen=True)
+class Shape:
+    """Widths and depths of the thinker's language model and audio encoder."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    audio_width: int
+    audio_layers: int
+    audio_heads: int
+    audio_ffn: int
+
+
+SHAPES = {
+    # For tests: loads in a second, decodes hundreds of tokens per second on a CPU.
+    "tiny": Shape(64, 2, 4, 2, 128, 64, 2, 4, 128),
+    # For CPU benchmarks: ~650 M parameters, decode bound by memory bandwidth at batch 1 like the 7B
+    # model on an accelerator, head_dim 128 and GQA like the real model.
+    "small": Shape(1024, 28, 8, 2, 2816, 512, 8, 8, 2048),
+}
+
+
+def full_config(shape: str = "tiny") -> dict:
+    """The config.json of a full (thinker + talker + token2wav) checkpoint of the given thinker shape.
 
     Token ids, vocabulary, audio front end (128 mel bins, 2 s windows) and context length are the real
-    model's; only widths and depths are small.
+    model's; the talker, token2wav and vision tower (never loaded by acecap) are always tiny.
     """
-    hidden, layers, heads, kv_heads, head_dim = 64, 2, 4, 2, 16
-    # mrope splits head_dim/2 rotary pairs over (time, height, width), like [16, 24, 24] at head_dim 128.
-    rope = {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}
+    size = SHAPES[shape]
+    hidden, layers, heads, kv_heads = size.hidden, size.layers, size.heads, size.kv_heads
+    head_dim = hidden // heads
+    # mrope splits head_dim/2 rotary pairs over (time, height, width): [16, 24, 24] at head_dim 128.
+    scale = head_dim // 16
+    rope = {"mrope_section": [2 * scale, 3 * scale, 3 * scale], "rope_type": "default", "type": "default"}
+    small_rope = {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}
     return {
         "architectures": ["Qwen2_5OmniModel"],
         "model_type": "qwen2_5_omni",
@@ -93,21 +122,22 @@ def full_config() -> dict:
             "bos_token_id": 151644, "eos_token_id": 151645, "pad_token_id": 151643,
             "initializer_range": 0.02,
             "audio_config": {
-                "model_type": "qwen2_5_omni_audio_encoder", "num_mel_bins": 128, "encoder_layers": layers,
-                "encoder_attention_heads": heads, "encoder_ffn_dim": 2 * hidden, "d_model": hidden,
+                "model_type": "qwen2_5_omni_audio_encoder", "num_mel_bins": 128, "encoder_layers": size.audio_layers,
+                "encoder_attention_heads": size.audio_heads, "encoder_ffn_dim": size.audio_ffn,
+                "d_model": size.audio_width,
                 "dropout": 0.0, "attention_dropout": 0.0, "activation_function": "gelu",
                 "activation_dropout": 0.0, "scale_embedding": False, "max_source_positions": 1500,
                 "n_window": 100, "output_dim": hidden,
             },
             "vision_config": {
-                "model_type": "qwen2_5_omni_vision_encoder", "depth": layers, "hidden_size": hidden,
-                "embed_dim": hidden, "hidden_act": "silu", "intermediate_size": 2 * hidden, "num_heads": heads,
+                "model_type": "qwen2_5_omni_vision_encoder", "depth": 2, "hidden_size": 64,
+                "embed_dim": 64, "hidden_act": "silu", "intermediate_size": 128, "num_heads": 4,
                 "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                "window_size": 112, "out_hidden_size": hidden, "fullatt_block_indexes": [layers - 1],
+                "window_size": 112, "out_hidden_size": hidden, "fullatt_block_indexes": [1],
             },
             "text_config": {
                 "model_type": "qwen2_5_omni_text", "vocab_size": 152064, "hidden_size": hidden,
-                "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                "intermediate_size": size.intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
                 "num_key_value_heads": kv_heads, "hidden_act": "silu", "max_position_embeddings": 32768,
                 "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_scaling": rope, "use_cache": True,
                 "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": layers,
@@ -116,11 +146,11 @@ def full_config() -> dict:
         },
         "talker_config": {
             "model_type": "qwen2_5_omni_talker", **TOKEN_IDS,
-            "vocab_size": 8448, "embedding_size": hidden, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-            "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
-            "rope_theta": 1000000.0, "rope_scaling": rope, "use_sliding_window": False, "sliding_window": 32768,
-            "max_window_layers": layers, "attention_dropout": 0.0, "tie_word_embeddings": False,
+            "vocab_size": 8448, "embedding_size": hidden, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "rope_scaling": small_rope, "use_sliding_window": False, "sliding_window": 32768,
+            "max_window_layers": 2, "attention_dropout": 0.0, "tie_word_embeddings": False,
             "vision_start_token_id": 151652, "vision_end_token_id": 151653,
             "tts_text_start_token_id": 151860, "tts_text_end_token_id": 151861, "tts_text_pad_token_id": 151859,
             "tts_codec_start_token_id": 8293, "tts_codec_end_token_id": 8294,
@@ -217,11 +247,11 @@ def _weights(folder: Path, config: dict, seed: int) -> None:
     torch.save(speakers, folder / "spk_dict.pt")
 
 
-def write_tiny(folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny full-layout checkpoint into `folder` and return its path."""
+def write_tiny(folder: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write a random full-layout checkpoint (default: the tiny shape) into `folder` and return its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = full_config()
+    config = full_config(shape)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"_from_model_config": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -241,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("folder", help="where to write the checkpoint (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="tiny (default; tests, install checks) or small (~650 M: CPU benchmarks)")  # fmt: skip
     args = parser.parse_args(argv)
-    print(write_tiny(args.folder, seed=args.seed))
+    print(write_tiny(args.folder, seed=args.seed, shape=args.shape))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""The annotate benchmark: the seed's pipeline against `acecap annotate`, same model, same clips, one process.
+
+(a) seed: one clip per `generate`, the processor's default padding of every clip to 300 s.
+(b) acecap: `annotate()` as the command line runs it: prefetch, length-sorted batches, padding to the batch.
+Both decode exactly --tokens tokens per clip (end token ignored) with greedy search, so they do the same
+work. Model loading is timed apart and left out of the rates.
+
+    python benchmarks/annotate.py                                    # small shape, 32 clips of 5–240 s
+    python benchmarks/annotate.py --shape tiny --clips 3 --longest 3 --tokens 4 -o /tmp/bench  # smoke run
+
+Writes annotate.json and annotate.md into -o (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from acecap import Decoding
+from acecap.annotate import Job, annotate
+from acecap.audio import load_audio
+from acecap.model import TASKS, load_processor, load_thinker, parameter_count, render_prompt
+from acecap.tiny import write_tiny
+
+
+def clip_lengths(count: int, shortest: float, longest: float) -> list[float]:
+    """Lengths spaced evenly on a log scale: as many short clips as long ones, per factor of length."""
+    return [float(x) for x in np.round(np.geomspace(shortest, longest, count), 1)]
+
+
+def write_clips(folder: Path, lengths: list[float], seed: int = 0) -> list[Path]:
+    """Music-like test material: a few chord tones with vibrato and a little noise, at 44.1 kHz stereo."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index, seconds in enumerate(lengths):
+        t = np.arange(int(seconds * 44100)) / 44100
+        root = rng.uniform(110, 330)
+        tone = sum(np.sin(2 * np.pi * root * ratio * t + 0.3 * np.sin(2 * np.pi * 5 * t)) for ratio in (1, 1.25, 1.5))
+        mono = 0.2 * tone / 3 + 0.01 * rng.standard_normal(len(t))
+        path = folder / f"clip{index:02d}.wav"
+        soundfile.write(path, np.stack([mono, mono], axis=1).astype(np.float32), 44100)
+        paths.append(path)
+    return paths
+
+
+def seed_pipeline(model: Path, paths: list[Path], tokens: int) -> dict:
+    """One clip per generate call, features padded to 300 s: what the seed's inference script does."""
+    start = time.perf_counter()
+    thinker = load_thinker(model, torch.device("cpu"), torch.float32)
+    processor = load_processor(model)
+    load_s = time.perf_counter() - start
+    text = render_prompt(processor, TASKS["caption"].prompt)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = time.perf_counter()
+    audio_seconds = 0.0
+    for path in paths:
+        clip = load_audio(path)
+        audio_seconds += clip.duration
+        inputs = processor(text=[text], audio=[clip.samples], padding=True, return_tensors="pt")  # 300 s padding
+        with torch.inference_mode():
+            thinker.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=end)
+    wall_s = time.perf_counter() - start
+    return rates("seed pipeline", len(paths), audio_seconds, wall_s, load_s)
+
+
+def acecap_annotate(model: Path, folder: Path, output: Path, tokens: int, batch_size: int | None) -> dict:
+    job = Job(
+        inputs=[str(folder)],
+        output_dir=output,
+        model=str(model),
+        devices=["cpu"],
+        dtype="fp32",
+        decoding=Decoding(max_new_tokens=tokens, ignore_eos=True),
+        batch_size=batch_size,
+    )
+    summary = annotate(job, progress=False)
+    if not summary.ok:
+        raise RuntimeError(f"annotate failed: {summary.failures}")
+    load_s = summary.per_device[0]["load_s"]
+    return rates("acecap annotate", summary.captioned, summary.audio_seconds, summary.elapsed_s - load_s, load_s)
+
+
+def rates(name: str, files: int, audio_seconds: float, wall_s: float, load_s: float) -> dict:
+    return {
+        "pipeline": name,
+        "files": files,
+        "audio_seconds": round(audio_seconds, 3),
+        "wall_s": round(wall_s, 3),
+        "load_s": round(load_s, 3),
+        "audio_seconds_per_s": audio_seconds / wall_s,
+        "files_per_min": files / wall_s * 60,
+    }
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        "| pipeline | files | audio (s) | wall (s, load excluded) | audio-s/s | files/min |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for side in report["runs"]:
+        rows.append(
+            f"| {side['pipeline']} | {side['files']} | {side['audio_seconds']:.0f} | {side['wall_s']:.1f} | "
+            f"{side['audio_seconds_per_s']:.2f} | {side['files_per_min']:.2f} |"
+        )
+    setup = report["setup"]
+    return "\n".join(
+        [
+            f"Machine: {setup['machine']}; torch {setup['torch']}, transformers {setup['transformers']}.",
+            f"Model: random weights, `{setup['shape']}` shape ({setup['parameters'] / 1e6:.0f} M thinker parameters), "
+            f"fp32 on cpu; {setup['tokens']} tokens decoded per clip; {setup['clips']} clips of "
+            f"{setup['shortest']}–{setup['longest']} s (log-spaced lengths).",
+            "",
+            *rows,
+            "",
+            f"**acecap / seed: {report['ratio']:.2f}×** audio-seconds per second.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="small", choices=["tiny", "small"], help="random model shape")
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--shortest", type=float, default=5.0, help="seconds")
+    parser.add_argument("--longest", type=float, default=240.0, help="seconds")
+    parser.add_argument("--tokens", type=int, default=200, help="tokens decoded per clip, on both sides")
+    parser.add_argument("--batch-size", type=int, help="acecap's batch size (default: acecap's own)")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="acecap-bench-") as scratch:
+        scratch = Path(scratch)
+        model = write_tiny(scratch / "model", shape=args.shape)
+        lengths = clip_lengths(args.clips, args.shortest, args.longest)
+        (scratch / "clips").mkdir()
+        paths = write_clips(scratch / "clips", lengths)
+        parameters = parameter_count(load_thinker(model, torch.device("cpu"), torch.float32))
+        seed = seed_pipeline(model, paths, args.tokens)
+        ours = acecap_annotate(model, scratch / "clips", scratch / "out", args.tokens, args.batch_size)
+    report = {
+        "setup": {
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "shape": args.shape,
+            "parameters": parameters,
+            "tokens": args.tokens,
+            "clips": args.clips,
+            "shortest": args.shortest,
+            "longest": args.longest,
+            "lengths": lengths,
+        },
+        "runs": [seed, ours],
+        "ratio": ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"],
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output_dir / "annotate.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
