@@ -92,9 +92,9 @@ def rates(name: str, files: int, audio_seconds: float, wall_s: float, load_s: fl
     return {
         "pipeline": name,
         "files": files,
-        "audio_seconds": round(audio_seconds, 3),
-        "wall_s": round(wall_s, 3),
-        "load_s": round(load_s, 3),
+        "audio_seconds": audio_seconds,
+        "wall_s": wall_s,
+        "load_s": load_s,
         "audio_seconds_per_s": audio_seconds / wall_s,
         "files_per_min": files / wall_s * 60,
     }

@@ -137,3 +137,17 @@ def test_weights_that_cannot_fit_are_refused_with_advice():
         devices.check_fits(int(33 * 2**30), cpu, torch.float32, free=16 * 2**30)
     with pytest.raises(DeviceError, match=r"need 16.5 GiB in bf16 .* free memory or choose another device"):
         devices.check_fits(int(16.5 * 2**30), cpu, torch.bfloat16, free=8 * 2**30)
+
+
+def test_device_lists_for_several_workers():
+    assert devices.expand_devices("all") == ["cpu"]  # no accelerator here: one cpu worker
+    assert devices.expand_devices("npu:0, npu:1,") == ["npu:0", "npu:1"]
+    assert devices.expand_devices("cpu,cpu") == ["cpu", "cpu"]
+
+
+def test_out_of_memory_is_recognised_from_each_backend():
+    with pytest.raises(RuntimeError) as failure:
+        torch.empty(2**60, dtype=torch.uint8)  # a real allocation failure of the CPU allocator
+    assert devices.is_out_of_memory(failure.value)
+    assert devices.is_out_of_memory(RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB"))
+    assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AudioError, Clip, load_audio
+from .devices import dtype_name
 from .generate import Decoding
 from .inputs import Item, discover, in_shard
 from .model import TASKS
@@ -201,7 +202,7 @@ class _Worker:
             "silent": bool(clip and float(np.abs(clip.samples).max()) < SILENT_PEAK),
             "long": bool(clip and clip.duration > LONG_FILE_S),
             "device": str(self.captioner.device),
-            "dtype": str(self.captioner.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.captioner.dtype),
             "timings": {"audio_s": decoded.audio_s},
             "error": decoded.error,
         }

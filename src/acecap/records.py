@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from .writers import atomic_write
+from .writers import append_lines, atomic_write
 
 log = logging.getLogger("acecap")
 
@@ -98,10 +98,5 @@ class RecordWriter:
         self.path = folder / f"annotations.part-{name}.jsonl"
 
     def write(self, records: list[dict]) -> None:
-        if not records:
-            return
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if records:
+            append_lines(self.path, [json.dumps(r, ensure_ascii=False) for r in records])

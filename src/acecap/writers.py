@@ -23,11 +23,11 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def append_line(path: Path, text: str) -> None:
-    """Append one line and flush it to disk."""
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append whole lines in one write and flush them to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+        handle.write("".join(line + "\n" for line in lines))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -53,7 +53,7 @@ def write_result(result, output_dir: Path, fmt: str) -> Path:
         atomic_write(path, json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     elif fmt == "jsonl":
         path = output_dir / f"{result.task}.jsonl"
-        append_line(path, json.dumps(result.to_dict(), ensure_ascii=False))
+        append_lines(path, [json.dumps(result.to_dict(), ensure_ascii=False)])
     else:
         raise ValueError(f"unknown format {fmt!r}: use txt, json or jsonl")
     return path
