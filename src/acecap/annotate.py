@@ -143,14 +143,16 @@ def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
 
 
 def _caption_splitting(captioner, clips: list[Clip], decoding: Decoding, max_duration: float) -> list:
-    """Caption a batch; on device out-of-memory, halve it and retry, down to one clip."""
+    """Caption a batch: a Result per clip, or the reason it failed. Out of memory halves the batch and retries."""
     from . import devices
 
     try:
         return captioner.caption_clips(clips, decoding, max_duration=max_duration)
     except Exception as error:
         if not devices.is_out_of_memory(error):
-            raise
+            # Not the input's fault, but only this batch's files fail: the device goes on with the rest.
+            log.exception("a batch of %d failed on %s", len(clips), captioner.device)
+            return [f"{type(error).__name__}: {error}"] * len(clips)
         devices.empty_cache(captioner.device)
         if len(clips) == 1:
             return [f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"]
@@ -179,9 +181,11 @@ def _batches(clips: list[Clip], size: int, max_duration: float) -> Iterator[list
 
 
 class _Worker:
-    def __init__(self, job: Job, captioner, rank: int, run_id: str):
+    def __init__(self, job: Job, captioner, rank: int, run_id: str, events):
         self.job = job
         self.captioner = captioner
+        self.rank = rank
+        self.events = events
         self.writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
         self.batch_size = job.batch_size or default_batch_size(captioner.device.type, captioner.dtype.itemsize)
         full = captioner.max_duration_limit(job.decoding)
@@ -209,19 +213,22 @@ class _Worker:
         record.update(fields)
         return record
 
-    def run_chunk(self, chunk: list[Decoded]) -> list[dict]:
-        records = [self.record(d) for d in chunk if d.clip is None]
+    def save(self, records: list[dict], good: list[Decoded]) -> None:
+        """Make records durable, write their text files, and tell the main process."""
         self.writer.write(records)
+        self._write_txt(records, good)
+        self.events.put(("records", self.rank, [(r["path"], r["duration"] or 0.0, r["error"]) for r in records], None))
+
+    def run_chunk(self, chunk: list[Decoded]) -> None:
+        self.save([self.record(d) for d in chunk if d.clip is None], [])
         good = [d for d in chunk if d.clip is not None]
         if self.job.long_audio == "segment":
-            records += self._segments(good)
+            self._segments(good)
         else:
-            records += self._whole(good)
-        return records
+            self._whole(good)
 
-    def _whole(self, good: list[Decoded]) -> list[dict]:
+    def _whole(self, good: list[Decoded]) -> None:
         by_clip = {id(d.clip): d for d in good}
-        records = []
         for batch in _batches([d.clip for d in good], self.batch_size, self.max_duration):
             results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             batch_records = []
@@ -241,12 +248,9 @@ class _Worker:
                         timings=timings,
                     )
                 )
-            self.writer.write(batch_records)
-            self._write_txt(batch_records, good)
-            records += batch_records
-        return records
+            self.save(batch_records, good)
 
-    def _segments(self, good: list[Decoded]) -> list[dict]:
+    def _segments(self, good: list[Decoded]) -> None:
         step = int(self.job.segment_seconds * 16000)
         windows = []  # (decoded, start_s, clip)
         for decoded in good:
@@ -276,9 +280,7 @@ class _Worker:
             text = "\n".join(s["text"] for s in segments)
             tokens = sum(s["tokens"] for s in segments)
             records.append(self.record(decoded, **{self.job.task: text}, tokens=tokens, segments=segments))
-        self.writer.write(records)
-        self._write_txt(records, good)
-        return records
+        self.save(records, good)
 
     def _write_txt(self, records: list[dict], good: list[Decoded]) -> None:
         if not self.job.write_txt:
@@ -301,16 +303,10 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
     except Exception as error:
         events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
         return
-    worker = _Worker(job, captioner, rank, run_id)
+    worker = _Worker(job, captioner, rank, run_id, events)
     events.put(("loaded", rank, str(captioner.device), captioner.load_s))
     for chunk in _prefetch(work):
-        try:
-            records = worker.run_chunk(chunk)
-        except Exception as error:  # a failure that is not the input's: record it, keep the device going
-            log.exception("batch failed on %s", captioner.device)
-            records = [worker.record(d, error=f"{type(error).__name__}: {error}") for d in chunk]
-            worker.writer.write(records)
-        events.put(("records", rank, [(r["path"], r["duration"] or 0.0, r["error"]) for r in records]))
+        worker.run_chunk(chunk)
     events.put(("exit", rank, device, None))
 
 
@@ -376,7 +372,7 @@ def annotate(job: Job, progress: bool = True) -> Summary:
         seen, live = 0, len(workers)
         while live:
             try:
-                kind, rank, payload, extra = _event(events.get(timeout=1.0))
+                kind, rank, payload, extra = events.get(timeout=1.0)
             except queue.Empty:
                 if not any(w.is_alive() for w in workers):
                     break  # a worker died without a word (killed): stop waiting for it
@@ -415,13 +411,6 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     merge(job.output_dir)
     summary.elapsed_s = time.perf_counter() - started
     return summary
-
-
-def _event(message: tuple) -> tuple:
-    kind, rank, *rest = message
-    if kind == "records":
-        return kind, rank, rest[0], None
-    return kind, rank, rest[0], rest[1] if len(rest) > 1 else None
 
 
 def summary_table(summary: Summary) -> str:

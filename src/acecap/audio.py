@@ -97,7 +97,7 @@ def load_audio(path: str | Path) -> Clip:
     if not path.exists():
         raise AudioError("no such file")
     if path.is_dir():
-        raise AudioError("is a folder, not an audio file")
+        raise AudioError("is a folder, not an audio file (acecap annotate takes folders)")
     try:
         size = path.stat().st_size
         with path.open("rb"):
