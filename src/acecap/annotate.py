@@ -332,25 +332,21 @@ def plan(job: Job) -> tuple[list[Item], int]:
 
 def _start_workers(job: Job, run_id: str, pending: list[Item]):
     """One thread for a single device; one spawned process per device for several (torch.multiprocessing)."""
-    several = len(job.devices) > 1
-    if several:
+    if len(job.devices) > 1:
         import torch.multiprocessing as mp
 
         context = mp.get_context("spawn")  # CUDA and NPU runtimes cannot be forked
-        work, events = context.Queue(), context.Queue()
-        start = lambda rank, device: context.Process(  # noqa: E731
-            target=_worker_main, args=(job, rank, device, run_id, work, events), daemon=True
-        )
+        work, events, runner = context.Queue(), context.Queue(), context.Process
     else:
-        work, events = queue.Queue(), queue.Queue()
-        start = lambda rank, device: threading.Thread(  # noqa: E731
-            target=_worker_main, args=(job, rank, device, run_id, work, events), daemon=True
-        )
+        work, events, runner = queue.Queue(), queue.Queue(), threading.Thread
     for begin in range(0, len(pending), CHUNK_FILES):
         work.put(pending[begin : begin + CHUNK_FILES])
     for _ in job.devices:
         work.put(None)
-    workers = [start(rank, device) for rank, device in enumerate(job.devices)]
+    workers = [
+        runner(target=_worker_main, args=(job, rank, device, run_id, work, events), daemon=True)
+        for rank, device in enumerate(job.devices)
+    ]
     for worker in workers:
         worker.start()
     return workers, work, events  # the caller keeps `work` alive: spawned children unpickle it late
