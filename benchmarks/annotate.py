@@ -24,10 +24,10 @@ import numpy as np
 import soundfile
 import torch
 
-from acecap import Decoding
+from acecap import Decoding, devices
 from acecap.annotate import Job, annotate
 from acecap.audio import load_audio
-from acecap.model import TASKS, load_processor, load_thinker, parameter_count, render_prompt
+from acecap.model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 from acecap.tiny import write_tiny
 
 
@@ -51,10 +51,10 @@ def write_clips(folder: Path, lengths: list[float], seed: int = 0) -> list[Path]
     return paths
 
 
-def seed_pipeline(model: Path, paths: list[Path], tokens: int) -> dict:
+def seed_pipeline(model: Path, paths: list[Path], tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
     """One clip per generate call, features padded to 300 s: what the seed's inference script does."""
     start = time.perf_counter()
-    thinker = load_thinker(model, torch.device("cpu"), torch.float32)
+    thinker = load_thinker(model, device, dtype)
     processor = load_processor(model)
     load_s = time.perf_counter() - start
     text = render_prompt(processor, TASKS["caption"].prompt)
@@ -65,19 +65,25 @@ def seed_pipeline(model: Path, paths: list[Path], tokens: int) -> dict:
         clip = load_audio(path)
         audio_seconds += clip.duration
         inputs = processor(text=[text], audio=[clip.samples], padding=True, return_tensors="pt")  # 300 s padding
+        inputs = inputs.to(device)
+        inputs["input_features"] = inputs["input_features"].to(dtype)
         with torch.inference_mode():
             thinker.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=end)
-    wall_s = time.perf_counter() - start
+    wall_s = devices.now(device) - start
     return rates("seed pipeline", len(paths), audio_seconds, wall_s, load_s)
 
 
-def acecap_annotate(model: Path, folder: Path, output: Path, tokens: int, batch_size: int | None) -> dict:
+def acecap_annotate(
+    model: Path, folder: Path, output: Path, tokens: int, batch_size: int | None, decoder: str, device: torch.device,
+    dtype: torch.dtype,
+) -> dict:  # fmt: skip
     job = Job(
         inputs=[str(folder)],
         output_dir=output,
         model=str(model),
-        devices=["cpu"],
-        dtype="fp32",
+        devices=[str(device)],
+        dtype=devices.dtype_name(dtype),
+        decoder=decoder,
         decoding=Decoding(max_new_tokens=tokens, ignore_eos=True),
         batch_size=batch_size,
     )
@@ -85,7 +91,13 @@ def acecap_annotate(model: Path, folder: Path, output: Path, tokens: int, batch_
     if not summary.ok:
         raise RuntimeError(f"annotate failed: {summary.failures}")
     load_s = summary.per_device[0]["load_s"]
-    return rates("acecap annotate", summary.captioned, summary.audio_seconds, summary.elapsed_s - load_s, load_s)
+    return rates(
+        f"acecap annotate ({decoder} decoder)",
+        summary.captioned,
+        summary.audio_seconds,
+        summary.elapsed_s - load_s,
+        load_s,
+    )
 
 
 def rates(name: str, files: int, audio_seconds: float, wall_s: float, load_s: float) -> dict:
@@ -115,7 +127,8 @@ def markdown(report: dict) -> str:
         [
             f"Machine: {setup['machine']}; torch {setup['torch']}, transformers {setup['transformers']}.",
             f"Model: random weights, `{setup['shape']}` shape ({setup['parameters'] / 1e6:.0f} M thinker parameters), "
-            f"fp32 on cpu; {setup['tokens']} tokens decoded per clip; {setup['clips']} clips of "
+            f"{setup['dtype']} on {setup['device']}, acecap's decoder {setup['decoder']}; "
+            f"{setup['tokens']} tokens decoded per clip; {setup['clips']} clips of "
             f"{setup['shortest']}–{setup['longest']} s (log-spaced lengths).",
             "",
             *rows,
@@ -127,43 +140,58 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="small", choices=["tiny", "small"], help="random model shape")
+    parser.add_argument("--shape", default="small", choices=["tiny", "small", "7b"], help="random model shape")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, npu, …")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="auto: fp32 on cpu, bf16 on accelerators")  # fmt: skip
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--shortest", type=float, default=5.0, help="seconds")
     parser.add_argument("--longest", type=float, default=240.0, help="seconds")
     parser.add_argument("--tokens", type=int, default=200, help="tokens decoded per clip, on both sides")
     parser.add_argument("--batch-size", type=int, help="acecap's batch size (default: acecap's own)")
+    parser.add_argument("--decoder", default="auto", choices=["auto", "static", "graphs", "transformers"],
+                        help="acecap's decoder (default auto: graphs on CUDA, else static)")  # fmt: skip
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     import transformers
 
-    with tempfile.TemporaryDirectory(prefix="acecap-bench-") as scratch:
-        scratch = Path(scratch)
-        model = write_tiny(scratch / "model", shape=args.shape)
-        lengths = clip_lengths(args.clips, args.shortest, args.longest)
-        (scratch / "clips").mkdir()
-        paths = write_clips(scratch / "clips", lengths)
-        parameters = parameter_count(load_thinker(model, torch.device("cpu"), torch.float32))
-        seed = seed_pipeline(model, paths, args.tokens)
-        ours = acecap_annotate(model, scratch / "clips", scratch / "out", args.tokens, args.batch_size)
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    lengths = clip_lengths(args.clips, args.shortest, args.longest)
     report = {
         "setup": {
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+            "device": f"{devices.device_name(device)} ({device})",
+            "dtype": devices.dtype_name(dtype),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "shape": args.shape,
-            "parameters": parameters,
             "tokens": args.tokens,
+            "decoder": args.decoder,
             "clips": args.clips,
             "shortest": args.shortest,
             "longest": args.longest,
             "lengths": lengths,
         },
-        "runs": [seed, ours],
-        "ratio": ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"],
+        "runs": [],
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="acecap-bench-") as scratch:
+        scratch = Path(scratch)
+        model = write_tiny(scratch / "model", shape=args.shape, device=str(device))
+        report["setup"]["parameters"] = resident_parameters(model)
+        (scratch / "clips").mkdir()
+        paths = write_clips(scratch / "clips", lengths)
+        # Each side's figures are written as soon as it ends, so that a run cut short keeps them.
+        ours = acecap_annotate(
+            model, scratch / "clips", scratch / "out", args.tokens, args.batch_size, args.decoder, device, dtype
+        )
+        report["runs"].append(ours)
+        (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
+        seed = seed_pipeline(model, paths, args.tokens, device, dtype)
+        report["runs"].insert(0, seed)
+    report["ratio"] = ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"]
     (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.output_dir / "annotate.md").write_text(markdown(report) + "\n")
     print(markdown(report))

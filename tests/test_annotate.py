@@ -175,7 +175,8 @@ def test_manifests_list_files(tmp_path):
         writer.writerow(["Path", "genre"])
         writer.writerows([[str(p), "pop"] for p in paths])
     (tmp_path / "list.jsonl").write_text("".join(json.dumps({"audio_path": str(p)}) + "\n" for p in paths))
-    for manifest in ("list.txt", "list.csv", "list.jsonl"):
+    (tmp_path / "LIST.CSV").write_bytes((tmp_path / "list.csv").read_bytes())  # upper case, as Windows tools write
+    for manifest in ("list.txt", "list.csv", "list.jsonl", "LIST.CSV"):
         found = discover([tmp_path / manifest])
         assert [item.path.resolve() for item in found] == [p.resolve() for p in paths], manifest
 
@@ -257,11 +258,22 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
     assert "out of memory on a batch of 8; retrying in halves" in result.stderr
 
 
-def test_batches_follow_length_and_bound_padding():
-    from acecap.annotate import _batches
+def test_batches_follow_length_and_bound_padding_and_memory():
+    from acecap.annotate import BatchLimits, _batches
     from acecap.audio import Clip
 
     clips = [Clip(np.zeros(int(seconds * 16000), dtype=np.float32), str(seconds)) for seconds in (9, 1, 2, 1.1, 30, 8)]
-    batches = [[c.source for c in batch] for batch in _batches(clips, 3, 300.0)]
-    assert batches == [["1", "1.1"], ["2"], ["8", "9"], ["30"]]
-    assert [[c.source for c in b] for b in _batches(clips[:2], 1, 300.0)] == [["1"], ["9"]]
+
+    def sources(limits):
+        return [[c.source for c in batch] for batch in _batches(clips, 300.0, limits)]
+
+    assert sources(BatchLimits(clips=3, padding=0.25)) == [["1", "1.1"], ["2"], ["8", "9"], ["30"]]
+    assert sources(BatchLimits(clips=1, padding=0.25)) == [["1"], ["1.1"], ["2"], ["8"], ["9"], ["30"]]
+    # Without a padding cap (the static decoder prefills each clip unpadded) only the size cuts.
+    assert sources(BatchLimits(clips=4)) == [["1", "1.1", "2", "8"], ["9", "30"]]
+    # Memory: 5 bytes a clip plus 1 a second, at most 30 bytes: 1, 1.1 and 2 s take 19.1; adding 8 s, 32.1.
+    assert sources(BatchLimits(clips=8, cache_bytes=30, clip_bytes=5, second_bytes=1)) == [
+        ["1", "1.1", "2"],
+        ["8", "9"],
+        ["30"],
+    ]

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import devices
 from .audio import AudioError, Clip, load_audio
+from .captioner import AUDIO_TOKENS_PER_SECOND
+from .decode import cache_bytes_per_token
 from .devices import dtype_name
 from .generate import Decoding
 from .inputs import Item, discover, in_shard
@@ -34,7 +37,7 @@ log = logging.getLogger("acecap")
 LONG_AUDIO = ("truncate", "segment", "full")
 SILENT_PEAK = 1e-4  # -80 dBFS: nothing a person would hear
 LONG_FILE_S = 3600.0  # an hour: processed, but probably not a song
-CHUNK_FILES = 32  # files a worker takes from the queue at a time
+CHUNK_FILES = 64  # at most this many files a worker takes from the queue at a time
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Job:
     hub: str = "auto"
     devices: list[str] = field(default_factory=lambda: ["auto"])
     dtype: str = "auto"
+    decoder: str = "auto"
     prompt: str | None = None
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int | None = None
@@ -94,11 +98,6 @@ class Summary:
     @property
     def ok(self) -> bool:
         return not self.failures and not self.not_processed
-
-
-def default_batch_size(device_type: str, dtype_bytes: int) -> int:
-    """Batches that pay: 16 on accelerators in 16-bit, 8 where activations are fp32 or on the CPU."""
-    return 16 if device_type in ("cuda", "npu") and dtype_bytes == 2 else 8
 
 
 # ---- the worker: one loaded model on one device ---------------------------------------------------
@@ -163,21 +162,49 @@ def _caption_splitting(captioner, clips: list[Clip], decoding: Decoding, max_dur
         )
 
 
-MAX_PADDING = 0.25  # a batch may hold at most 25 % padding: padded positions cost as much as real ones
+@dataclass(frozen=True)
+class BatchLimits:
+    """What bounds a batch: its clips, its padding (transformers' generate() pads every clip to the
+    longest, and padded positions cost as much as real ones) and the KV cache it needs."""
+
+    clips: int
+    padding: float | None = None  # largest share of padding; None: any (each clip is prefilled unpadded)
+    cache_bytes: int | None = None  # KV cache the batch may take; None: no bound
+    clip_bytes: int = 0  # KV cache of a clip's prompt and new tokens, its audio aside
+    second_bytes: int = 0  # KV cache of one second of audio
 
 
-def _batches(clips: list[Clip], size: int, max_duration: float) -> Iterator[list[Clip]]:
-    """Clips in order of length, cut into batches of at most `size` that waste little to padding."""
+def _batches(clips: list[Clip], max_duration: float, limits: BatchLimits) -> Iterator[list[Clip]]:
+    """Clips in order of length, cut into batches within `limits`."""
     batch: list[Clip] = []
     for clip in sorted(clips, key=lambda c: c.duration):
         candidate = batch + [clip]
         seconds = [min(c.duration, max_duration) for c in candidate]
-        if batch and (len(candidate) > size or len(candidate) * seconds[-1] > (1 + MAX_PADDING) * sum(seconds)):
+        over = len(candidate) > limits.clips
+        if limits.padding is not None:
+            over |= len(candidate) * seconds[-1] > (1 + limits.padding) * sum(seconds)
+        if limits.cache_bytes is not None:
+            over |= len(candidate) * limits.clip_bytes + sum(seconds) * limits.second_bytes > limits.cache_bytes
+        if batch and over:
             yield batch
             candidate = [clip]
         batch = candidate
     if batch:
         yield batch
+
+
+def batch_limits(captioner, decoding: Decoding, batch_size: int | None) -> BatchLimits:
+    """At most `batch_size` clips (default 64 on an accelerator, 32 on a CPU, where larger batches gained
+    little), within half the device's free memory for the KV cache."""
+    per_token = cache_bytes_per_token(captioner.thinker)
+    memory = devices.memory_info(captioner.device)
+    return BatchLimits(
+        clips=batch_size or (32 if captioner.device.type == "cpu" else 64),
+        padding=0.25 if captioner.decoder == "transformers" else None,
+        cache_bytes=memory[0] // 2 if memory else None,
+        clip_bytes=(captioner.prompt_tokens + decoding.max_new_tokens) * per_token,
+        second_bytes=AUDIO_TOKENS_PER_SECOND * per_token,
+    )
 
 
 class _Worker:
@@ -187,9 +214,9 @@ class _Worker:
         self.rank = rank
         self.events = events
         self.writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
-        self.batch_size = job.batch_size or default_batch_size(captioner.device.type, captioner.dtype.itemsize)
         full = captioner.max_duration_limit(job.decoding)
         self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
+        self.limits = batch_limits(captioner, job.decoding, job.batch_size)
 
     def record(self, decoded: Decoded, **fields) -> dict:
         clip = decoded.clip
@@ -229,7 +256,7 @@ class _Worker:
 
     def _whole(self, good: list[Decoded]) -> None:
         by_clip = {id(d.clip): d for d in good}
-        for batch in _batches([d.clip for d in good], self.batch_size, self.max_duration):
+        for batch in _batches([d.clip for d in good], self.max_duration, self.limits):
             results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             batch_records = []
             for clip, result in zip(batch, results, strict=True):
@@ -261,7 +288,7 @@ class _Worker:
         by_clip = {id(w[2]): w for w in windows}
         texts: dict[int, list[dict]] = {id(d): [] for d in good}
         errors: dict[int, str] = {}
-        for batch in _batches([w[2] for w in windows], self.batch_size, self.max_duration):
+        for batch in _batches([w[2] for w in windows], self.max_duration, self.limits):
             results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             for clip, result in zip(batch, results, strict=True):
                 decoded, start, _ = by_clip[id(clip)]
@@ -298,7 +325,13 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
 
     try:
         captioner = Captioner.from_pretrained(
-            job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub, prompt=job.prompt
+            job.model,
+            task=job.task,
+            device=device,
+            dtype=job.dtype,
+            hub=job.hub,
+            prompt=job.prompt,
+            decoder=job.decoder,
         )
     except Exception as error:
         events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
@@ -339,8 +372,9 @@ def _start_workers(job: Job, run_id: str, pending: list[Item]):
         work, events, runner = context.Queue(), context.Queue(), context.Process
     else:
         work, events, runner = queue.Queue(), queue.Queue(), threading.Thread
-    for begin in range(0, len(pending), CHUNK_FILES):
-        work.put(pending[begin : begin + CHUNK_FILES])
+    size = max(1, min(CHUNK_FILES, -(-len(pending) // len(job.devices))))  # a small job still reaches every device
+    for begin in range(0, len(pending), size):
+        work.put(pending[begin : begin + size])
     for _ in job.devices:
         work.put(None)
     workers = [

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import devices
+from . import compat, devices
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
+from .decode import choose_decoder, generate_static
 from .generate import Decoding, generate
 from .hub import resolve_model, revision_of
 from .model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
@@ -73,6 +74,7 @@ class Captioner:
         model_name: str,
         load_s: float,
         revision: str | None = None,
+        decoder: str = "auto",
     ):
         self.thinker = thinker
         self.processor = processor
@@ -83,10 +85,12 @@ class Captioner:
         self.load_s = load_s
         self.device: torch.device = thinker.device
         self.dtype: torch.dtype = thinker.dtype
+        self.decoder = choose_decoder(decoder, self.device)
         self.chat_text = render_prompt(processor, prompt)
         tokenizer = processor.tokenizer
         self.end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         self.pad_id = tokenizer.pad_token_id
+        self.audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
         self.prompt_tokens = len(tokenizer(self.chat_text)["input_ids"])  # one <|AUDIO|> placeholder
         self.context = thinker.config.text_config.max_position_embeddings
 
@@ -100,8 +104,14 @@ class Captioner:
         dtype: str = "auto",
         hub: str = "auto",
         prompt: str | None = None,
+        decoder: str = "auto",
     ) -> Captioner:
-        """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device."""
+        """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
+
+        `decoder`: "static" (static KV cache, each clip prefilled unpadded), "graphs" (the same, each decode
+        step replayed as a CUDA graph), "transformers" (the library's generate(): the slower reference),
+        or "auto" (graphs on CUDA, else static).
+        """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
         torch_device = devices.resolve_device(device)
@@ -115,7 +125,16 @@ class Captioner:
         load_s = devices.now(torch_device) - start
         prompt = prompt or TASKS[task].prompt
         revision = revision_of(folder)
-        return cls(thinker, processor, task=task, prompt=prompt, model_name=name, load_s=load_s, revision=revision)
+        return cls(
+            thinker,
+            processor,
+            task=task,
+            prompt=prompt,
+            model_name=name,
+            load_s=load_s,
+            revision=revision,
+            decoder=decoder,
+        )
 
     def max_duration_limit(self, decoding: Decoding) -> float:
         """The longest audio (s) whose tokens, the prompt and max_new_tokens fit the context."""
@@ -167,7 +186,12 @@ class Captioner:
                 log.warning("%s: %.1f s long; captioning the first %g s", clip.source, clip.duration, max_duration)
         start = devices.now(self.device)
         inputs = self._features(samples)
-        generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id)
+        if self.decoder == "transformers":
+            generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id)
+        else:
+            prompts, embeds = self._prompt_embeddings(inputs)
+            graphs = self.decoder == "graphs"
+            generated = generate_static(self.thinker, prompts, embeds, decoding, self.end_ids, self.pad_id, graphs)
         total_s = devices.now(self.device) - start
         texts = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
         results = []
@@ -197,6 +221,16 @@ class Captioner:
                 )
             )
         return results
+
+    def _prompt_embeddings(self, inputs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each row's token ids and input embeddings, padding dropped and the audio encoder's output merged in."""
+        with torch.inference_mode():
+            audio = compat.audio_embeddings(self.thinker, inputs["input_features"], inputs["feature_attention_mask"])
+            ids = inputs["input_ids"]
+            embeds = compat.text_model(self.thinker).embed_tokens(ids)
+            embeds[ids == self.audio_id] = audio.to(embeds.dtype)  # row-major, as transformers merges them
+        keep = inputs["attention_mask"].bool()
+        return [ids[i][keep[i]] for i in range(len(ids))], [embeds[i][keep[i]] for i in range(len(ids))]
 
     def _features(self, samples: list[np.ndarray]) -> dict:
         longest = max(len(s) for s in samples)

@@ -40,6 +40,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                        help="weights and activations; auto is bf16 on accelerators, fp32 on cpu")  # fmt: skip
+    group.add_argument("--decoder", default="auto", choices=["auto", "static", "graphs", "transformers"],
+                       help="static: static KV cache, each clip prefilled unpadded; graphs: the same with each "
+                       "step replayed as a CUDA graph; transformers: the library's generate() (slower; the "
+                       "reference). Default auto: graphs on CUDA, else static")  # fmt: skip
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(cuda:0,cuda:1; cpu,cpu for testing). Overrides --device")  # fmt: skip
     _generation_options(annotate)
     group = annotate.add_argument_group("dataset")
-    group.add_argument("--batch-size", type=int, help="clips per batch (default 16 on npu/cuda in bf16, else 8)")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        help="most clips per batch (default 64 on npu/cuda, 32 on cpu); batches also "
+        "stay within half the free device memory for their KV cache",
+    )
     group.add_argument(
         "--long-audio",
         choices=["truncate", "segment", "full"],
@@ -110,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
 
+    bench = commands.add_parser(
+        "bench", help="measure speed: time to first token, tok/s, audio-s/s, memory, per decoder and batch size",
+        description="Time captioning on one device: every decoder at every batch size, each point after a "
+        "warm-up, decoding exactly --tokens tokens per clip. Random weights in a model's shape run at that "
+        "model's speed, so --shapes 7b measures the real model without downloading it. Writes bench.json "
+        "and bench.md into -o.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES,
+    )  # fmt: skip
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a checkpoint folder or hub id, instead of random weights")
+    source.add_argument("--shapes", choices=["7b", "small", "tiny"], default="tiny",
+                        help="random weights in this shape (default tiny: a quick check)")  # fmt: skip
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda[:i], npu[:i] or mps")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    bench.add_argument("--decoders", default="auto", help="comma-separated: auto, static, graphs, transformers")
+    bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    bench.add_argument("--seconds", type=float, default=30.0, help="audio per clip (default 30)")
+    bench.add_argument("--tokens", type=int, default=128, help="tokens decoded per clip, end token ignored")
+    bench.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
+    bench.add_argument("-o", "--output-dir", type=Path, default=Path("bench"), help="report folder (default bench)")
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -119,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--device", default="auto", help="device to test (default auto)")
     doctor.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     return parser
+
+
+BENCH_EXAMPLES = """\
+examples:
+  acecap bench --device cpu                                   a quick check with the tiny shape
+  acecap bench --device cuda --shapes 7b --batch-sizes 1,16,64 the real model's shapes, bf16
+  acecap bench --device npu:0 --shapes 7b                     the same on an Ascend card
+  acecap bench --model ./acestep-captioner --seconds 60       a real checkpoint
+"""
 
 
 ANNOTATE_EXAMPLES = """\
@@ -151,6 +190,7 @@ def annotate_command(args: argparse.Namespace) -> int:
         hub=args.hub,
         devices=expand_devices(args.devices or args.device),
         dtype=args.dtype,
+        decoder=args.decoder,
         prompt=args.prompt,
         decoding=_decoding(args),
         batch_size=args.batch_size,
@@ -228,7 +268,13 @@ def caption_command(args: argparse.Namespace) -> int:
         audio_s = time.perf_counter() - start
         if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
             captioner = Captioner.from_pretrained(
-                args.model, task=args.task, device=args.device, dtype=args.dtype, hub=args.hub, prompt=args.prompt
+                args.model,
+                task=args.task,
+                device=args.device,
+                dtype=args.dtype,
+                hub=args.hub,
+                prompt=args.prompt,
+                decoder=args.decoder,
             )
             print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
                   f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
@@ -240,6 +286,36 @@ def caption_command(args: argparse.Namespace) -> int:
         if args.output_dir:
             write_result(result, args.output_dir, args.format)
     return 1 if failures else 0
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {text!r}: use numbers like 1,8,32") from None
+    if min(values) < 1:
+        raise ValueError("--batch-sizes must be at least 1")
+    return values
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    report = bench(
+        model=args.model,
+        shape=args.shapes,
+        device=args.device,
+        dtype=args.dtype,
+        decoders=args.decoders.split(","),
+        batch_sizes=_numbers(args.batch_sizes),
+        seconds=args.seconds,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        output_dir=args.output_dir,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print((args.output_dir / "bench.md").read_text(), end="")
+    return 1 if any(run.get("error") for run in report["runs"]) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_doctor(args.device, args.dtype)
         if args.command == "annotate":
             return annotate_command(args)
+        if args.command == "bench":
+            return bench_command(args)
         return caption_command(args)
     except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         _error(str(error))

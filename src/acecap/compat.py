@@ -32,3 +32,17 @@ def register_weight_renames(subclass: type, parent: type) -> None:
     renames = get_checkpoint_conversion_mapping(parent.__name__)
     if renames is not None:
         register_checkpoint_conversion_mapping(subclass.__name__, renames, overwrite=True)
+
+
+def text_model(thinker):
+    """The thinker's language model (embed_tokens, layers, norm, rotary_emb)."""
+    return thinker.model.language_model if NESTED_THINKER else thinker.model
+
+
+def audio_embeddings(thinker, features, feature_mask):
+    """The audio encoder's output for a batch, one row per audio token, clips concatenated.
+
+    5.x wraps it in a model output, 4.57 returns the tensor.
+    """
+    out = thinker.get_audio_features(features, feature_attention_mask=feature_mask)
+    return getattr(out, "last_hidden_state", out)

@@ -29,9 +29,10 @@ class ManifestError(ValueError):
 
 def _manifest_paths(manifest: Path) -> list[Path]:
     text = manifest.read_text(encoding="utf-8-sig")
-    if manifest.suffix == ".txt":
+    kind = manifest.suffix.lower()  # discover() takes LIST.TXT as a manifest too
+    if kind == ".txt":
         names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    elif manifest.suffix == ".csv":
+    elif kind == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         columns = {name.strip().lower(): name for name in (rows[0].keys() if rows else [])}
         column = next((columns[c] for c in PATH_COLUMNS if c in columns), None)

@@ -92,6 +92,8 @@ SHAPES = {
     # For CPU benchmarks: ~650 M parameters, decode bound by memory bandwidth at batch 1 like the 7B
     # model on an accelerator, head_dim 128 and GQA like the real model.
     "small": Shape(1024, 28, 8, 2, 2816, 512, 8, 8, 2048),
+    # The released 7B thinker's shape: only built in memory (random_thinker), for speed and memory figures.
+    "7b": Shape(3584, 28, 28, 4, 18944, 1280, 32, 20, 5120),
 }
 
 
@@ -218,15 +220,16 @@ def _tokenizer_files(folder: Path) -> None:
     fast.save(str(folder / "tokenizer.json"))
 
 
-def _weights(folder: Path, config: dict, seed: int) -> None:
+def _weights(folder: Path, config: dict, seed: int, device: str) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniConfig(**config))
+    with torch.device(device):  # an accelerator builds the 7b shape in seconds
+        model = Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniConfig(**config))
     # Rotary inverse frequencies are recomputed at load; some versions list them in the state dict.
     tensors = {
-        official_key(k): v.to(torch.bfloat16).contiguous()
+        official_key(k): v.to(torch.bfloat16).contiguous().cpu()
         for k, v in model.state_dict().items()
         if not k.endswith("inv_freq")
     }
@@ -247,8 +250,29 @@ def _weights(folder: Path, config: dict, seed: int) -> None:
     torch.save(speakers, folder / "spk_dict.pt")
 
 
-def write_tiny(folder: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
-    """Write a random full-layout checkpoint (default: the tiny shape) into `folder` and return its path."""
+def random_thinker(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """An AudioThinker of `shape` with random weights, built straight on `device` in `dtype` (no files)."""
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    from .model import AudioThinker
+
+    config = Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in dtype; rotary frequencies stay fp32
+    try:
+        with torch.device(device):
+            return AudioThinker(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def write_tiny(folder: str | Path, seed: int = 0, shape: str = "tiny", device: str = "cpu") -> Path:
+    """Write a random full-layout checkpoint (default: the tiny shape) into `folder` and return its path.
+
+    The weights are drawn on `device`: the 7b shape (16 GB) takes minutes on a CPU, seconds on a GPU.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = full_config(shape)
@@ -258,7 +282,7 @@ def write_tiny(folder: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     _tokenizer_files(folder)
-    _weights(folder, config, seed)
+    _weights(folder, config, seed, device)
     return folder
 
 
@@ -271,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("folder", help="where to write the checkpoint (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+    parser.add_argument("--shape", choices=["tiny", "small"], default="tiny",
                         help="tiny (default; tests, install checks) or small (~650 M: CPU benchmarks)")  # fmt: skip
     args = parser.parse_args(argv)
     print(write_tiny(args.folder, seed=args.seed, shape=args.shape))

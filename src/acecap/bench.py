@@ -1,0 +1,231 @@
+"""acecap bench: what the seed measured (one clip, one card) and what a dataset job needs (batches).
+
+Random weights in a given shape run at the speed of real weights in that shape, so `--shapes 7b` measures
+the real model's speed without a download. Every point decodes exactly `--tokens` tokens (end token
+ignored), after a warm-up, with the device synchronised around each timed call.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import devices
+from .audio import SAMPLE_RATE, Clip
+from .captioner import AUDIO_TOKENS_PER_SECOND, Captioner
+from .decode import cache_bytes_per_token, choose_decoder
+from .generate import Decoding
+
+# Memory bandwidth (bytes/s) of the cards whose peak we know, matched on the device name.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "910B": 1.6e12}
+
+
+@dataclass
+class Point:
+    """One decoder at one batch size: the figures of `repeats` timed calls."""
+
+    decoder: str
+    batch: int
+    seconds: float  # audio per clip
+    tokens: int  # decoded per clip
+    first_token_s: list[float]  # per timed call: audio features + prefill, for the whole batch
+    total_s: list[float]  # per timed call
+    peak_memory_bytes: int
+    step_bytes: int  # weights + KV cache read by one decode step (estimate)
+    error: str | None = None
+
+    @property
+    def decode_s(self) -> float:
+        return statistics.mean(t - f for t, f in zip(self.total_s, self.first_token_s, strict=True))
+
+    def figures(self, peak_bandwidth: float | None) -> dict:
+        """Rates derived from the raw timings; every one is a count over a measured time."""
+        if self.error:
+            return {}
+        total = statistics.mean(self.total_s)
+        step_s = self.decode_s / (self.tokens - 1) if self.tokens > 1 else float("nan")
+        ttft = sorted(self.first_token_s)
+        bandwidth = self.step_bytes / step_s if self.tokens > 1 else float("nan")
+        return {
+            "ttft_mean_s": statistics.mean(ttft),
+            "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "step_ms": step_s * 1000,
+            "decode_tok_s_per_stream": 1 / step_s,
+            "decode_tok_s": self.batch / step_s,
+            "output_tok_s": self.batch * self.tokens / total,
+            "requests_per_s": self.batch / total,
+            "audio_s_per_s": self.batch * self.seconds / total,
+            "bandwidth_gb_s": bandwidth / 1e9,
+            "bandwidth_share": bandwidth / peak_bandwidth if peak_bandwidth else None,
+        }
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def step_bytes(thinker, rows: int, context: int) -> int:
+    """Bytes one decode step must read: the language model's weights (the embedding table is only indexed)
+    and each row's KV cache over `context` tokens."""
+    from .compat import text_model
+
+    text = text_model(thinker)
+    weights = sum(p.numel() for p in text.parameters()) - text.embed_tokens.weight.numel()
+    weights += thinker.lm_head.weight.numel()
+    return weights * thinker.lm_head.weight.element_size() + rows * context * cache_bytes_per_token(thinker)
+
+
+def tone_clip(seconds: float, seed: int = 0) -> Clip:
+    """Chord tones with vibrato and a little noise at 16 kHz: audio-like input of exactly `seconds`."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    root = rng.uniform(110, 330)
+    tone = sum(np.sin(2 * np.pi * root * r * t + 0.3 * np.sin(2 * np.pi * 5 * t)) for r in (1, 1.25, 1.5))
+    samples = 0.07 * tone + 0.01 * rng.standard_normal(len(t))
+    return Clip(samples.astype(np.float32), f"tone-{seconds:g}s-{seed}")
+
+
+def random_captioner(shape: str, device: str, dtype: str) -> Captioner:
+    """A Captioner over random weights of `shape`, built on the device; tokenizer and processor are real."""
+    from .model import load_processor
+    from .tiny import random_thinker, write_tiny
+
+    torch_device = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, torch_device)
+    with tempfile.TemporaryDirectory(prefix="acecap-bench-") as folder:
+        processor = load_processor(write_tiny(folder))  # the tiny folder's tokenizer and processor are real
+    start = time.perf_counter()
+    thinker = random_thinker(shape, torch_device, torch_dtype)
+    load_s = devices.now(torch_device) - start
+    return Captioner(
+        thinker,
+        processor,
+        task="caption",
+        prompt="*Task* Describe this audio in detail",
+        model_name=f"random {shape}",
+        load_s=load_s,
+    )
+
+
+def measure(captioner: Captioner, batch: int, seconds: float, tokens: int, repeats: int) -> Point:
+    """Warm up, then time `repeats` batches of `batch` clips of `seconds`, each decoding `tokens` tokens."""
+    device = captioner.device
+    clips = [tone_clip(seconds, seed) for seed in range(batch)]
+    decoding = Decoding(max_new_tokens=tokens, ignore_eos=True)
+    context = captioner.prompt_tokens + int(seconds * AUDIO_TOKENS_PER_SECOND) + tokens // 2
+    point = Point(captioner.decoder, batch, seconds, tokens, [], [], 0, step_bytes(captioner.thinker, batch, context))
+    try:
+        captioner.caption_clips(clips, Decoding(max_new_tokens=min(tokens, 8), ignore_eos=True))  # warm-up
+        devices.reset_peak_memory(device)
+        for _ in range(repeats):
+            result = captioner.caption_clips(clips, decoding)[0]
+            point.first_token_s.append(result.timings.first_token_s)
+            point.total_s.append(result.timings.total_s)
+        point.peak_memory_bytes = devices.peak_memory(device)
+    except Exception as error:  # one failing point (out of memory, say) must not lose the others
+        point.error = f"{type(error).__name__}: {error}"
+    finally:
+        devices.empty_cache(device)
+    return point
+
+
+def row(run: dict) -> str:
+    """One point as a row of the Markdown table."""
+    if run.get("error"):
+        return f"| {run['decoder']} | {run['batch']} | {run['seconds']:g} | failed: {run['error']} |"
+    share = f", {run['bandwidth_share']:.0%}" if run.get("bandwidth_share") is not None else ""
+    return (
+        f"| {run['decoder']} | {run['batch']} | {run['seconds']:g} | {run['ttft_mean_s'] * 1000:.0f} / "
+        f"{run['ttft_p50_s'] * 1000:.0f} / {run['ttft_p99_s'] * 1000:.0f} | "
+        f"{run['decode_tok_s_per_stream']:.1f} | {run['output_tok_s']:.1f} | {run['requests_per_s']:.3f} | "
+        f"{run['audio_s_per_s']:.1f} | {run['peak_memory_bytes'] / 2**30:.1f} | "
+        f"{run['bandwidth_gb_s']:.0f}{share} |"
+    )
+
+
+def markdown(report: dict) -> str:
+    setup = report["setup"]
+    lines = [
+        f"Device: {setup['device_name']} ({setup['device']}, {setup['dtype']}); model: {setup['model']} "
+        f"({setup['parameters'] / 1e9:.2f} B thinker parameters, loaded in {setup['load_s']:.1f} s); "
+        f"torch {setup['torch']}, transformers {setup['transformers']}.",
+        f"Each clip: {setup['seconds']:g} s of audio, {setup['tokens']} tokens decoded (end token ignored); "
+        f"{setup['repeats']} timed calls per point after a warm-up.",
+        "",
+        "| decoder | batch | input audio (s) | TTFT mean / p50 / p99 (ms) | decode tok/s per stream | "
+        "output tok/s | req/s | audio-s/s | peak memory (GiB) | bandwidth (GB/s, share of peak) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [row(run) for run in report["runs"]]
+    if setup["peak_bandwidth"] is None:
+        lines += ["", "Peak memory bandwidth of this device unknown: no roofline share."]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "bench.md").write_text(markdown(report) + "\n")
+
+
+def bench(
+    *,
+    model: str | None = None,
+    shape: str | None = "tiny",
+    device: str = "auto",
+    dtype: str = "auto",
+    decoders: list[str] | None = None,
+    batch_sizes: list[int] | None = None,
+    seconds: float = 30.0,
+    tokens: int = 128,
+    repeats: int = 3,
+    output_dir: Path | None = None,
+    log=print,
+) -> dict:
+    """Run every decoder at every batch size; write bench.json and bench.md into `output_dir`."""
+    import transformers
+
+    if tokens < 2 or repeats < 1:
+        raise ValueError("bench needs --tokens >= 2 and --repeats >= 1")
+    chosen = [choose_decoder(d, devices.resolve_device(device)) for d in decoders or ["auto"]]  # before loading
+    batch_sizes = batch_sizes or [1, 8]
+    if model:
+        captioner = Captioner.from_pretrained(model, device=device, dtype=dtype)
+    else:
+        captioner = random_captioner(shape, device, dtype)
+    name = devices.device_name(captioner.device)
+    setup = {
+        "model": model or f"random weights, {shape} shape",
+        "device": str(captioner.device),
+        "device_name": name,
+        "dtype": devices.dtype_name(captioner.dtype),
+        "parameters": sum(p.numel() for p in captioner.thinker.parameters()),
+        "load_s": captioner.load_s,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads",
+        "seconds": seconds,
+        "tokens": tokens,
+        "repeats": repeats,
+        "peak_bandwidth": peak_bandwidth(name),
+    }
+    report = {"setup": setup, "runs": []}
+    for decoder in chosen:
+        captioner.decoder = decoder
+        for batch in batch_sizes:
+            point = measure(captioner, batch, seconds, tokens, repeats)
+            run = {**asdict(point), **point.figures(setup["peak_bandwidth"])}
+            report["runs"].append(run)
+            log(row(run))
+            if output_dir:  # after every point, so that a run cut short keeps what it measured
+                write_report(report, Path(output_dir))
+    return report

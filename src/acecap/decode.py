@@ -1,0 +1,271 @@
+"""Fast batched generation: each clip is prefilled unpadded into its own row of a static KV cache, then one
+decode step serves the whole batch per token (on CUDA replayed as a CUDA graph).
+
+transformers' generate() pays per step for what batching should amortise: its cache grows by copying
+(torch.cat) every step, and a padded batch expands the grouped KV heads to all query heads in every layer.
+Here the cache is allocated once, attention reads each KV head once, rows need no padding, and the language
+model's head runs on the last prompt token only. Norms, projections, MLPs and the audio encoder are the
+checkpoint's own modules; only attention, the rotary embedding and the cache are written out here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import compat, devices
+from .generate import Decoding, Generated
+
+DECODERS = ("auto", "static", "graphs", "transformers")
+
+
+def choose_decoder(decoder: str, device: torch.device) -> str:
+    """'auto' is CUDA graphs on CUDA (the step is launch-bound there) and the static cache elsewhere."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
+    if decoder == "graphs" and device.type != "cuda":
+        raise ValueError(f"--decoder graphs needs a CUDA device, not {device.type}")
+    if decoder == "auto":
+        return "graphs" if device.type == "cuda" else "static"
+    return decoder
+
+
+def cache_bytes_per_token(thinker) -> int:
+    """KV cache bytes one token of context takes in every layer."""
+    config = compat.text_model(thinker).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = thinker.lm_head.weight.element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# Rows whose cache lengths are within this factor share one cache tensor; attention reads each group's
+# own length, so a short clip batched with long ones costs its own length, not the longest's.
+GROUP_SLACK = 1.25
+
+
+def length_groups(capacities: list[int], slack: float = GROUP_SLACK) -> list[tuple[int, int]]:
+    """[start, end) ranges over capacities sorted ascending, each group's largest within `slack` of its first."""
+    groups, start = [], 0
+    for row in range(1, len(capacities) + 1):
+        if row == len(capacities) or capacities[row] > slack * capacities[start]:
+            groups.append((start, row))
+            start = row
+    return groups
+
+
+class Decoder:
+    """The thinker's language model run over static KV caches, one per group of similar lengths.
+
+    Rows must come sorted by prompt length; each holds its prompt and up to `new_tokens` more.
+    Audio-only prompts get sequential positions on all three rotary axes (Qwen2.5-Omni's 3-D positions
+    differ only for images and video), so the rotary embedding is the plain one and a token's position is
+    its cache slot.
+    """
+
+    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int):
+        if prompt_lengths != sorted(prompt_lengths):
+            raise ValueError("Decoder rows must be sorted by prompt length")
+        text = compat.text_model(thinker)
+        config = text.config
+        self.embed = text.embed_tokens
+        self.layers = list(text.layers)
+        self.norm = text.norm
+        self.head = thinker.lm_head
+        self.inv_freq = text.rotary_emb.inv_freq.float()
+        self.rope_scale = float(getattr(text.rotary_emb, "attention_scaling", 1.0))
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.dtype = self.embed.weight.dtype
+        device = self.embed.weight.device
+        capacities = [n + new_tokens for n in prompt_lengths]
+        self.groups = length_groups(capacities)
+        self.keys, self.values = [], []  # [group][layer]: (rows in group, kv_heads, capacity, head_dim)
+        for start, end in self.groups:
+            shape = (end - start, self.kv_heads, capacities[end - 1], self.head_dim)
+            self.keys.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
+            self.values.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
+        self.slots = torch.arange(capacities[-1], device=device)
+        self.local = torch.arange(max(end - start for start, end in self.groups), device=device)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def _qkv(self, attention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projections of (rows, tokens, hidden) to (rows, heads, tokens, head_dim), keys and queries rotated."""
+        rows, tokens, _ = hidden.shape
+        q = attention.q_proj(hidden).view(rows, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(hidden).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(hidden).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _block(self, layer, hidden: torch.Tensor, attend) -> torch.Tensor:
+        attention = layer.self_attn
+        out = attend(attention, layer.input_layernorm(hidden))
+        hidden = hidden + attention.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _place(self, row: int) -> tuple[int, int]:
+        """(group, row within the group) of a batch row."""
+        return next((g, row - start) for g, (start, end) in enumerate(self.groups) if start <= row < end)
+
+    def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
+        """Run one prompt's embeddings (tokens, hidden) into its cache row; the last token's logits (fp32)."""
+        group, local = self._place(row)
+        tokens = embeds.shape[0]
+        hidden = embeds[None]
+        cos, sin = self._rope(self.slots[:tokens])
+        repeats = self.heads // self.kv_heads
+        for i, layer in enumerate(self.layers):
+
+            def attend(attention, hidden, i=i):
+                q, k, v = self._qkv(attention, hidden, cos, sin)
+                self.keys[group][i][local, :, :tokens] = k[0]
+                self.values[group][i][local, :, :tokens] = v[0]
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attention.scaling)
+                return out.transpose(1, 2).reshape(1, tokens, -1)
+
+            hidden = self._block(layer, hidden, attend)
+        return self.head(self.norm(hidden[:, -1])).float()[0]
+
+    def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at slot `lengths[row]`; the next logits (rows, vocab) in fp32.
+
+        Shapes never change between steps, so the whole step can be captured as one CUDA graph.
+        """
+        cos, sin = self._rope(lengths[:, None])  # (rows, 1, head_dim)
+        cos, sin = cos[:, None], sin[:, None]
+        visible = []  # per group: (rows, 1, 1, capacity), True up to each row's newest slot
+        for g, (start, end) in enumerate(self.groups):
+            capacity = self.keys[g][0].shape[2]
+            visible.append((self.slots[None, :capacity] <= lengths[start:end, None])[:, None, None, :])
+        hidden = self.embed(tokens)[:, None]
+        for i, layer in enumerate(self.layers):
+
+            def attend(attention, hidden, i=i):
+                q, k, v = self._qkv(attention, hidden, cos, sin)
+                outs = []
+                for g, (start, end) in enumerate(self.groups):
+                    keys, values, index = self.keys[g][i], self.values[g][i], self.local[: end - start]
+                    keys[index, :, lengths[start:end]] = k[start:end, :, 0]
+                    values[index, :, lengths[start:end]] = v[start:end, :, 0]
+                    # Each KV head read once for its group of query heads: no expansion to all heads.
+                    query = q[start:end].reshape(end - start, self.kv_heads, -1, self.head_dim)
+                    scores = torch.matmul(query, keys.transpose(-1, -2)) * attention.scaling
+                    scores = scores.masked_fill(~visible[g], float("-inf"))
+                    weights = torch.softmax(scores.float(), dim=-1).to(self.dtype)
+                    outs.append(torch.matmul(weights, values).reshape(end - start, 1, -1))
+                return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+            hidden = self._block(layer, hidden, attend)
+        return self.head(self.norm(hidden[:, 0])).float()
+
+
+class GraphedStep:
+    """Decoder.step captured once as a CUDA graph for a fixed number of rows, then replayed every token."""
+
+    def __init__(self, decoder: Decoder, tokens: torch.Tensor, lengths: torch.Tensor):
+        self.tokens, self.lengths = tokens.clone(), lengths.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
+            decoder.step(self.tokens, self.lengths)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.step(self.tokens, self.lengths)
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.lengths.copy_(lengths)
+        self.graph.replay()
+        return self.logits
+
+
+def pick(logits: torch.Tensor, decoding: Decoding, seen: torch.Tensor, generator) -> torch.Tensor:
+    """Next token per row, in the order transformers applies them: repetition penalty, temperature, top-p."""
+    if decoding.repetition_penalty != 1.0:
+        penalised = torch.where(logits < 0, logits * decoding.repetition_penalty, logits / decoding.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if decoding.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / decoding.temperature
+    if decoding.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the more likely ones already hold top_p; the most likely one always stays.
+        drop = cumulative - ordered.softmax(dim=-1) > decoding.top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def generate_static(
+    thinker,
+    prompts: list[torch.Tensor],
+    embeds: list[torch.Tensor],
+    decoding: Decoding,
+    end_ids: list[int],
+    pad_id: int,
+    graphs: bool = False,
+) -> Generated:
+    """Generate for a batch of prompts (token ids and their embeddings, audio merged in), one row each."""
+    device = thinker.device
+    start = devices.now(device)
+    rows = len(prompts)
+    order = sorted(range(rows), key=lambda r: len(prompts[r]))  # the decoder groups rows of similar length
+    prompts, embeds = [prompts[r] for r in order], [embeds[r] for r in order]
+    decoder = Decoder(thinker, [len(p) for p in prompts], decoding.max_new_tokens)
+    vocab = thinker.lm_head.out_features
+    ends = torch.tensor(end_ids, device=device)
+    with torch.inference_mode():
+        logits = torch.stack([decoder.prefill(row, e) for row, e in enumerate(embeds)])
+        first = devices.now(device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        if decoding.repetition_penalty != 1.0:
+            for row, ids in enumerate(prompts):
+                seen[row, ids] = True
+        generator = None
+        if decoding.temperature > 0:
+            generator = torch.Generator(device=device)
+            if decoding.seed is not None:
+                generator.manual_seed(decoding.seed)
+        step = None
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        batch_rows = torch.arange(rows, device=device)
+        out = []
+        for n in range(decoding.max_new_tokens):
+            if decoding.ignore_eos:
+                logits[:, ends] = float("-inf")
+            tokens = pick(logits, decoding, seen, generator)
+            tokens = torch.where(done, pad_id, tokens)
+            out.append(tokens)
+            done |= torch.isin(tokens, ends)
+            if n == decoding.max_new_tokens - 1 or bool(done.all()):
+                break
+            seen[batch_rows, tokens] = True
+            if graphs:
+                step = step or GraphedStep(decoder, tokens, lengths)
+                logits = step(tokens, lengths)
+            else:
+                logits = decoder.step(tokens, lengths)
+            lengths = lengths + 1
+        end = devices.now(device)
+    table = torch.stack(out, dim=1).tolist()
+    tokens, finished = [], []
+    for row in [table[order.index(r)] for r in range(rows)]:
+        stop = next((i for i, token in enumerate(row) if token in end_ids), None)
+        finished.append(stop is not None)
+        tokens.append(row if stop is None else row[: stop + 1])
+    return Generated(tokens=tokens, finished=finished, first_token_s=first - start, total_s=end - start)

@@ -1,0 +1,63 @@
+"""acecap bench: it runs small on the CPU, and every rate it reports is a count over a measured time."""
+
+import json
+import statistics
+
+import pytest
+from conftest import run_acecap
+
+from acecap.bench import Point, peak_bandwidth
+
+
+def test_rates_are_counts_over_measured_times():
+    point = Point("static", batch=2, seconds=10.0, tokens=5, first_token_s=[1.0, 1.0, 1.0],
+                  total_s=[3.0, 3.0, 3.0], peak_memory_bytes=0, step_bytes=10**9)  # fmt: skip
+    figures = point.figures(peak_bandwidth=4e9)
+    # 4 decode steps in 2 s: 0.5 s a step.
+    assert figures["step_ms"] == pytest.approx(500)
+    assert figures["decode_tok_s_per_stream"] == pytest.approx(2.0)
+    assert figures["decode_tok_s"] == pytest.approx(4.0)
+    assert figures["output_tok_s"] == pytest.approx(10 / 3)
+    assert figures["requests_per_s"] == pytest.approx(2 / 3)
+    assert figures["audio_s_per_s"] == pytest.approx(20 / 3)
+    assert figures["bandwidth_gb_s"] == pytest.approx(2.0)
+    assert figures["bandwidth_share"] == pytest.approx(0.5)
+    assert Point("static", 1, 1.0, 5, [], [], 0, 0, error="OutOfMemoryError").figures(None) == {}
+
+
+def test_peak_bandwidth_is_known_only_for_named_cards():
+    assert peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert peak_bandwidth("Ascend910B2") == 1.6e12
+    assert peak_bandwidth("2 CPU cores") is None
+
+
+def test_bench_command_runs_on_the_tiny_shape(tmp_path):
+    args = ["--device", "cpu", "--shapes", "tiny", "--decoders", "static,transformers", "--batch-sizes", "1,2"]
+    done = run_acecap("bench", *args, "--seconds", "2", "--tokens", "6", "--repeats", "2", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["setup"]["device"] == "cpu" and report["setup"]["peak_bandwidth"] is None
+    assert [(run["decoder"], run["batch"]) for run in report["runs"]] == [
+        ("static", 1), ("static", 2), ("transformers", 1), ("transformers", 2),
+    ]  # fmt: skip
+    for run in report["runs"]:
+        assert run["error"] is None and len(run["total_s"]) == len(run["first_token_s"]) == 2
+        total = statistics.mean(run["total_s"])
+        decode = statistics.mean(t - f for t, f in zip(run["total_s"], run["first_token_s"], strict=True))
+        assert run["decode_tok_s_per_stream"] == pytest.approx(5 / decode)
+        assert run["output_tok_s"] == pytest.approx(run["batch"] * 6 / total)
+        assert run["audio_s_per_s"] == pytest.approx(run["batch"] * 2.0 / total)
+        assert min(run["first_token_s"]) <= run["ttft_p50_s"] <= run["ttft_p99_s"] <= max(run["first_token_s"])
+        assert run["bandwidth_gb_s"] == pytest.approx(run["step_bytes"] / (decode / 5) / 1e9)
+        assert run["peak_memory_bytes"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("| static |") == 2 and table.count("| transformers |") == 2
+    assert done.stdout == table
+
+
+def test_bench_refuses_bad_options_before_loading(tmp_path):
+    done = run_acecap("bench", "--device", "cpu", "--batch-sizes", "1,x", "-o", str(tmp_path))
+    assert done.returncode == 2 and "--batch-sizes" in done.stderr
+    done = run_acecap("bench", "--device", "cpu", "--decoders", "graphs", "-o", str(tmp_path))
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr

@@ -1,0 +1,98 @@
+"""The static-cache decoder against transformers' own generate(), on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from acecap import Captioner, Decoding
+from acecap.audio import Clip
+from acecap.decode import choose_decoder, length_groups, pick
+
+
+def noise_clips(seconds: list[float]) -> list[Clip]:
+    rng = np.random.default_rng(0)
+    return [Clip((0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32), f"{s}s") for s in seconds]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model) -> tuple[Captioner, Captioner]:
+    static = Captioner.from_pretrained(tiny_model, device="cpu", decoder="static")
+    reference = Captioner(
+        static.thinker, static.processor, task="caption", prompt=static.prompt, model_name="tiny", load_s=0.0,
+        decoder="transformers",
+    )  # fmt: skip
+    return static, reference
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [Decoding(max_new_tokens=24), Decoding(max_new_tokens=24, repetition_penalty=1.3), Decoding(max_new_tokens=9)],
+)
+def test_static_decoder_gives_the_tokens_of_transformers_generate(pair, decoding):
+    static, reference = pair
+    clips = noise_clips([3.0, 7.5, 1.2, 12.0])  # different lengths: padded rows for generate(), none here
+    ours = static.caption_clips(clips, decoding)
+    theirs = reference.caption_clips(clips, decoding)
+    assert [(r.text, r.tokens, r.finished) for r in ours] == [(r.text, r.tokens, r.finished) for r in theirs]
+    assert all(r.tokens == decoding.max_new_tokens for r in ours)  # random weights never end by themselves
+
+
+def test_prefill_logits_match_the_thinker_forward(pair):
+    from acecap.decode import Decoder
+
+    static, _ = pair
+    inputs = static._features([noise_clips([4.0])[0].samples])
+    prompts, embeds = static._prompt_embeddings(inputs)
+    with torch.inference_mode():
+        expected = static.thinker(**inputs).logits[0, -1]
+        ours = Decoder(static.thinker, [len(prompts[0])], 4).prefill(0, embeds[0])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_reproducible_and_top_p_near_zero_is_greedy(pair):
+    static, _ = pair
+    clips = noise_clips([2.0, 5.0])
+    sampled = Decoding(max_new_tokens=16, temperature=1.0, seed=7)
+    first, second = (static.caption_clips(clips, sampled) for _ in range(2))
+    assert [r.text for r in first] == [r.text for r in second]
+    greedy = static.caption_clips(clips, Decoding(max_new_tokens=16))
+    narrow = static.caption_clips(clips, Decoding(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=1))
+    assert [r.text for r in narrow] == [r.text for r in greedy]
+    assert [r.text for r in first] != [r.text for r in greedy]
+
+
+def test_pick_applies_the_repetition_penalty_like_transformers():
+    logits = torch.tensor([[2.0, 1.5, -1.0, 0.5]])
+    seen = torch.tensor([[True, False, True, False]])
+    # 2.0 / 2 = 1.0 falls below 1.5; -1.0 * 2 = -2.0 stays last.
+    assert pick(logits, Decoding(repetition_penalty=2.0), seen, None).tolist() == [1]
+    assert pick(logits, Decoding(), seen, None).tolist() == [0]
+
+
+def test_rows_share_a_cache_only_with_rows_of_similar_length():
+    assert length_groups([100, 110, 125, 126, 400, 410, 3000]) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert length_groups([50]) == [(0, 1)]
+    assert length_groups([7, 7, 7]) == [(0, 3)]
+
+
+def test_decoder_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert choose_decoder("auto", cpu) == "static"
+    assert choose_decoder("auto", cuda) == "graphs"
+    assert choose_decoder("transformers", cuda) == "transformers"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        choose_decoder("graphs", cpu)
+    with pytest.raises(ValueError, match="unknown decoder"):
+        choose_decoder("fast", cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_give_the_tokens_of_the_eager_decoders(tiny_model):
+    clips = noise_clips([3.0, 7.5, 1.2, 12.0])
+    decoding = Decoding(max_new_tokens=24)
+    texts = {}
+    for decoder in ("graphs", "static", "transformers"):
+        captioner = Captioner.from_pretrained(tiny_model, device="cuda", dtype="fp32", decoder=decoder)
+        texts[decoder] = [r.text for r in captioner.caption_clips(clips, decoding)]
+        assert [r.text for r in captioner.caption_clips(clips[:1], decoding)] == texts[decoder][:1]
+    assert texts["graphs"] == texts["static"] == texts["transformers"]
