@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,10 @@ def test_out_of_memory_is_recognised_from_each_backend():
     assert devices.is_out_of_memory(failure.value)
     assert devices.is_out_of_memory(RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB"))
     assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))
+    with pytest.raises(ValueError) as wrapped:  # how transformers reports numpy's MemoryError
+        try:
+            np.empty(2**60, dtype=np.uint8)
+        except MemoryError as error:
+            raise ValueError("Unable to convert output 'input_features' to tensor") from error
+    assert devices.is_out_of_memory(wrapped.value)
+    assert not devices.is_out_of_memory(ValueError("bad input"))

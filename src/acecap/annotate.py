@@ -152,14 +152,15 @@ def _caption_splitting(captioner, clips: list[Clip], decoding: Decoding, max_dur
             # Not the input's fault, but only this batch's files fail: the device goes on with the rest.
             log.exception("a batch of %d failed on %s", len(clips), captioner.device)
             return [f"{type(error).__name__}: {error}"] * len(clips)
-        devices.empty_cache(captioner.device)
-        if len(clips) == 1:
-            return [f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"]
-        log.warning("out of memory on a batch of %d; retrying in halves", len(clips))
-        half = len(clips) // 2
-        return _caption_splitting(captioner, clips[:half], decoding, max_duration) + _caption_splitting(
-            captioner, clips[half:], decoding, max_duration
-        )
+    # Retry outside the except block: the exception's traceback holds the failed batch's tensors.
+    devices.empty_cache(captioner.device)
+    if len(clips) == 1:
+        return [f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"]
+    log.warning("out of memory on a batch of %d; retrying in halves", len(clips))
+    half = len(clips) // 2
+    return _caption_splitting(captioner, clips[:half], decoding, max_duration) + _caption_splitting(
+        captioner, clips[half:], decoding, max_duration
+    )
 
 
 @dataclass(frozen=True)

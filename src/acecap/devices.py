@@ -241,10 +241,17 @@ OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # torch_npu's and th
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """An allocation failure: torch's OutOfMemoryError (CUDA), or the RuntimeError of torch_npu or the CPU."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(words in str(error).lower() for words in OUT_OF_MEMORY)
-    )
+    """An allocation failure: torch's OutOfMemoryError (CUDA), the RuntimeError of torch_npu or the CPU, or a
+    MemoryError, here or anywhere in the chain of causes (transformers wraps numpy's in a ValueError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(error, RuntimeError) and any(words in str(error).lower() for words in OUT_OF_MEMORY):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def empty_cache(device: torch.device) -> None:
