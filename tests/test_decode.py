@@ -41,8 +41,9 @@ def test_prefill_logits_match_the_thinker_forward(pair):
     from acecap.decode import Decoder
 
     static, _ = pair
-    inputs = static._features([noise_clips([4.0])[0].samples])
-    prompts, embeds = static._prompt_embeddings(inputs)
+    samples = noise_clips([4.0])[0].samples
+    inputs = static._features([samples])
+    prompts, embeds = static._prompt_embeddings([samples])
     with torch.inference_mode():
         expected = static.thinker(**inputs).logits[0, -1]
         ours = Decoder(static.thinker, [len(prompts[0])], 4).prefill(0, embeds[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import compat, devices
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
@@ -185,11 +186,10 @@ class Captioner:
             if clip.duration > max_duration:
                 log.warning("%s: %.1f s long; captioning the first %g s", clip.source, clip.duration, max_duration)
         start = devices.now(self.device)
-        inputs = self._features(samples)
         if self.decoder == "transformers":
-            generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id)
+            generated = generate(self.thinker, self._features(samples), decoding, self.end_ids, self.pad_id)
         else:
-            prompts, embeds = self._prompt_embeddings(inputs)
+            prompts, embeds = self._prompt_embeddings(samples)
             graphs = self.decoder == "graphs"
             generated = generate_static(self.thinker, prompts, embeds, decoding, self.end_ids, self.pad_id, graphs)
         total_s = devices.now(self.device) - start
@@ -222,15 +222,31 @@ class Captioner:
             )
         return results
 
-    def _prompt_embeddings(self, inputs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each row's token ids and input embeddings, padding dropped and the audio encoder's output merged in."""
+    def _prompt_embeddings(self, samples: list[np.ndarray]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each clip's token ids and input embeddings, the audio encoder's output merged in.
+
+        Features are computed clip by clip (a batch padded to its longest clip repeats the STFT over
+        silence), then the encoder runs once over the batch, which reads only each clip's own frames.
+        """
+        rows = [self._features([clip]) for clip in samples]
+        frames = max(row["input_features"].shape[-1] for row in rows)
+        features = torch.cat([F.pad(r["input_features"], (0, frames - r["input_features"].shape[-1])) for r in rows])
+        mask = torch.cat(
+            [F.pad(r["feature_attention_mask"], (0, frames - r["input_features"].shape[-1])) for r in rows]
+        )
+        prompts = [row["input_ids"][0] for row in rows]
         with torch.inference_mode():
-            audio = compat.audio_embeddings(self.thinker, inputs["input_features"], inputs["feature_attention_mask"])
-            ids = inputs["input_ids"]
-            embeds = compat.text_model(self.thinker).embed_tokens(ids)
-            embeds[ids == self.audio_id] = audio.to(embeds.dtype)  # row-major, as transformers merges them
-        keep = inputs["attention_mask"].bool()
-        return [ids[i][keep[i]] for i in range(len(ids))], [embeds[i][keep[i]] for i in range(len(ids))]
+            audio = compat.audio_embeddings(self.thinker, features, mask)
+            embed = compat.text_model(self.thinker).embed_tokens
+            embeds, used = [], 0
+            for ids in prompts:
+                row = embed(ids)
+                places = ids == self.audio_id
+                count = int(places.sum())
+                row[places] = audio[used : used + count].to(row.dtype)
+                embeds.append(row)
+                used += count
+        return prompts, embeds
 
     def _features(self, samples: list[np.ndarray]) -> dict:
         longest = max(len(s) for s in samples)
