@@ -28,6 +28,7 @@ from .decode import cache_bytes_per_token
 from .devices import dtype_name
 from .generate import Decoding
 from .inputs import Item, discover, in_shard
+from .lyrics import INSTRUMENTAL, parse_transcript
 from .model import TASKS
 from .records import RecordWriter, completed, done_key, file_identity, load_records, merge
 from .writers import atomic_write
@@ -38,6 +39,7 @@ LONG_AUDIO = ("truncate", "segment", "full")
 SILENT_PEAK = 1e-4  # -80 dBFS: nothing a person would hear
 LONG_FILE_S = 3600.0  # an hour: processed, but probably not a song
 CHUNK_FILES = 64  # at most this many files a worker takes from the queue at a time
+ALL_TASKS = (*TASKS, "meta")  # meta: tempo, key and metre from the signal, no model
 
 
 @dataclass
@@ -64,8 +66,8 @@ class Job:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}: use {' or '.join(TASKS)}")
+        if self.task not in ALL_TASKS:
+            raise ValueError(f"unknown task {self.task!r}: use {', '.join(ALL_TASKS)}")
         if self.long_audio not in LONG_AUDIO:
             raise ValueError(f"unknown --long-audio {self.long_audio!r}: use {', '.join(LONG_AUDIO)}")
         if self.segment_seconds <= 0 or self.max_duration <= 0:
@@ -75,13 +77,17 @@ class Job:
 
     @property
     def model_name(self) -> str:
-        """The model as records name it: an absolute folder, or a hub id."""
+        """The model as records name it: an absolute folder, a hub id, or the analysis library (meta)."""
+        if self.task == "meta":
+            import librosa
+
+            return f"librosa {librosa.__version__}"
         name = self.model or TASKS[self.task].model_id
         return str(Path(name).resolve()) if Path(name).is_dir() else name
 
     @property
     def prompt_text(self) -> str:
-        return self.prompt or TASKS[self.task].prompt
+        return "" if self.task == "meta" else self.prompt or TASKS[self.task].prompt
 
 
 @dataclass
@@ -209,15 +215,19 @@ def batch_limits(captioner, decoding: Decoding, batch_size: int | None) -> Batch
 
 
 class _Worker:
+    """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
+
     def __init__(self, job: Job, captioner, rank: int, run_id: str, events):
         self.job = job
         self.captioner = captioner
         self.rank = rank
         self.events = events
         self.writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
-        full = captioner.max_duration_limit(job.decoding)
-        self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
-        self.limits = batch_limits(captioner, job.decoding, job.batch_size)
+        self.max_duration = job.max_duration
+        if captioner is not None:
+            full = captioner.max_duration_limit(job.decoding)
+            self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
+            self.limits = batch_limits(captioner, job.decoding, job.batch_size)
 
     def record(self, decoded: Decoded, **fields) -> dict:
         clip = decoded.clip
@@ -225,16 +235,18 @@ class _Worker:
             **decoded.identity,
             "task": self.job.task,
             "model": self.job.model_name,
-            "revision": self.captioner.revision,
+            "revision": self.captioner.revision if self.captioner else None,
             "prompt": self.job.prompt_text,
             "duration": clip.duration if clip else None,
             self.job.task: None,
             "tokens": None,
-            "truncated": bool(clip and self.job.long_audio != "segment" and clip.duration > self.max_duration),
+            "truncated": bool(
+                clip and self.captioner and self.job.long_audio != "segment" and clip.duration > self.max_duration
+            ),
             "silent": bool(clip and float(np.abs(clip.samples).max()) < SILENT_PEAK),
             "long": bool(clip and clip.duration > LONG_FILE_S),
-            "device": str(self.captioner.device),
-            "dtype": dtype_name(self.captioner.dtype),
+            "device": str(self.captioner.device) if self.captioner else "cpu",
+            "dtype": dtype_name(self.captioner.dtype) if self.captioner else None,
             "timings": {"audio_s": decoded.audio_s},
             "error": decoded.error,
         }
@@ -250,7 +262,9 @@ class _Worker:
     def run_chunk(self, chunk: list[Decoded]) -> None:
         self.save([self.record(d) for d in chunk if d.clip is None], [])
         good = [d for d in chunk if d.clip is not None]
-        if self.job.long_audio == "segment":
+        if self.job.task == "meta":
+            self._meta(good)
+        elif self.job.long_audio == "segment":
             self._segments(good)
         else:
             self._whole(good)
@@ -269,7 +283,7 @@ class _Worker:
                 batch_records.append(
                     self.record(
                         decoded,
-                        **{self.job.task: result.text},
+                        **self._text_fields([result.text]),
                         tokens=result.tokens,
                         finished=result.finished,
                         captioned_seconds=result.captioned_seconds,
@@ -305,9 +319,50 @@ class _Worker:
                 records.append(self.record(decoded, error=errors[id(decoded)]))
                 continue
             segments = sorted(texts[id(decoded)], key=lambda s: s["start"])
-            text = "\n".join(s["text"] for s in segments)
             tokens = sum(s["tokens"] for s in segments)
-            records.append(self.record(decoded, **{self.job.task: text}, tokens=tokens, segments=segments))
+            fields = self._text_fields([s["text"] for s in segments])
+            records.append(self.record(decoded, **fields, tokens=tokens, segments=segments))
+        self.save(records, good)
+
+    def _text_fields(self, texts: list[str]) -> dict:
+        """The record's fields for the model's text (one per segment): a caption as it is; lyrics parsed
+        into language, tagged lines and is_instrumental, the raw text kept."""
+        if self.job.task != "lyrics":
+            return {self.job.task: "\n".join(texts)}
+        parsed = [parse_transcript(text) for text in texts]
+        sung = [p for p in parsed if not p.is_instrumental]
+        languages = [p.language for p in parsed if p.language != "unknown"]
+        return {
+            "lyrics": "\n\n".join(p.lyrics for p in sung) if sung else INSTRUMENTAL,
+            "language": languages[0] if languages else "unknown",
+            "is_instrumental": not sung,
+            "raw_lyrics": "\n\n".join(texts),
+        }
+
+    def _meta(self, good: list[Decoded]) -> None:
+        """Tempo, key and metre of each file, from the signal; a failure is that file's error record."""
+        from .meta import analyse
+
+        records = []
+        for decoded in good:
+            start = time.perf_counter()
+            try:
+                meta = analyse(decoded.clip.samples)
+            except Exception as error:  # one file's analysis failing must not end the run
+                records.append(self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}"))
+                continue
+            found = [
+                f"{meta.bpm} BPM" if meta.bpm else None,
+                meta.keyscale,
+                f"{meta.timesignature}/4" if meta.timesignature else None,
+            ]
+            fields = {key: value for key, value in meta.to_dict().items() if key != "duration"}
+            timings = {"audio_s": decoded.audio_s, "total_s": time.perf_counter() - start}
+            records.append(
+                self.record(
+                    decoded, meta=", ".join(f for f in found if f) or "no tempo or key", **fields, timings=timings
+                )
+            )
         self.save(records, good)
 
     def _write_txt(self, records: list[dict], good: list[Decoded]) -> None:
@@ -324,6 +379,13 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
     """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
     from .captioner import Captioner
 
+    if job.task == "meta":
+        worker = _Worker(job, None, rank, run_id, events)
+        events.put(("loaded", rank, "cpu", 0.0))
+        for chunk in _prefetch(work):
+            worker.run_chunk(chunk)
+        events.put(("exit", rank, device, None))
+        return
     try:
         captioner = Captioner.from_pretrained(
             job.model,
@@ -373,6 +435,7 @@ def _start_workers(job: Job, run_id: str, pending: list[Item]):
         work, events, runner = context.Queue(), context.Queue(), context.Process
     else:
         work, events, runner = queue.Queue(), queue.Queue(), threading.Thread
+        devices.share_malloc_arena()
     size = max(1, min(CHUNK_FILES, -(-len(pending) // len(job.devices))))  # a small job still reaches every device
     for begin in range(0, len(pending), size):
         work.put(pending[begin : begin + size])

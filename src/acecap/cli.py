@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger("acecap")
 
 EXAMPLES = """\
 examples:
@@ -18,16 +21,28 @@ examples:
 """
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False) -> None:
     group = parser.add_argument_group("model and device")
-    group.add_argument(
-        "--task",
-        choices=["caption", "lyrics"],
-        default="caption",
-        help="caption: describe the music (ACE-Step/acestep-captioner); "
-        "lyrics: transcribe them (ACE-Step/acestep-transcriber). Default: caption",
-    )
-    group.add_argument("--model", help="checkpoint folder, or a hub id (default: the task's ACE-Step model)")
+    if several_tasks:
+        group.add_argument(
+            "--tasks",
+            default="caption",
+            help="comma list of caption (ACE-Step/acestep-captioner), lyrics (ACE-Step/acestep-transcriber: "
+            "language and tagged lyrics) and meta (tempo, key, time signature from the signal, no model). "
+            "Tasks run one after another, one model in memory at a time. Default: caption",
+        )
+        group.add_argument("--model", action="append", default=[], metavar="[TASK=]MODEL",
+                           help="checkpoint folder or hub id for every model task, or TASK=MODEL for one "
+                           "(repeat for each); default: each task's ACE-Step model")  # fmt: skip
+    else:
+        group.add_argument(
+            "--task",
+            choices=["caption", "lyrics"],
+            default="caption",
+            help="caption: describe the music (ACE-Step/acestep-captioner); "
+            "lyrics: transcribe them (ACE-Step/acestep-transcriber). Default: caption",
+        )
+        group.add_argument("--model", help="checkpoint folder, or a hub id (default: the task's ACE-Step model)")
     group.add_argument(
         "--hub",
         choices=["auto", "modelscope", "huggingface"],
@@ -94,9 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     annotate.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, audio files or manifests")
     annotate.add_argument("-o", "--output-dir", type=Path, required=True, help="where annotations.jsonl goes")
-    annotate.add_argument("-f", "--format", choices=["txt"], action="append", default=[],
-                          help="also write OUT/<relative path>.<task>.txt per file")  # fmt: skip
-    _model_options(annotate)
+    annotate.add_argument("-f", "--format", choices=["txt", "acestep", "csv", "acestep-dataset"], action="append",
+                          default=[], help="also write (repeatable): txt, OUT/<relative path>.<task>.txt; acestep, "
+                          "song.caption.txt, song.lyrics.txt and song.json beside each song (what ACE-Step's "
+                          "trainer reads; values already there are kept unless --overwrite); csv, OUT/dataset.csv "
+                          "(File, BPM, Key, Caption); acestep-dataset, OUT/dataset.json (the ACE-Step UI's "
+                          "dataset file)")  # fmt: skip
+    annotate.add_argument("--sidecars-in", type=Path, metavar="DIR",
+                          help="with -f acestep: write the sidecar files under DIR, mirroring the inputs' "
+                          "folders, instead of beside each song")  # fmt: skip
+    _model_options(annotate, several_tasks=True)
     annotate.add_argument("--devices", help="several devices, one process each: 'all' or a list like npu:0,npu:1 "
                           "(cuda:0,cuda:1; cpu,cpu for testing). Overrides --device")  # fmt: skip
     _generation_options(annotate)
@@ -115,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "song up to the context limit; segment: caption consecutive windows",
     )
     group.add_argument("--segment-seconds", type=float, default=60.0, help="window length for segment (default 60)")
-    group.add_argument("--overwrite", action="store_true", help="redo files that earlier runs finished")
+    group.add_argument(
+        "--overwrite", action="store_true", help="redo what earlier runs finished; replace values in existing sidecars"
+    )
     group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
 
@@ -164,6 +188,8 @@ ANNOTATE_EXAMPLES = """\
 examples:
   acecap annotate songs/ -o labels                 everything under songs/ into labels/annotations.jsonl
   acecap annotate songs/ -o labels -f txt          also labels/<relative path>.caption.txt
+  acecap annotate songs/ -o labels --tasks caption,lyrics,meta -f acestep
+                                                   an ACE-Step training set: sidecars beside each song
   acecap annotate list.csv -o labels --devices all one process per NPU or GPU
   acecap annotate songs/ -o labels --shard 3/8     this machine's eighth of the files
 """
@@ -179,32 +205,70 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def annotate_command(args: argparse.Namespace) -> int:
-    from .annotate import Job, annotate, summary_table
+    from .acestep import export
+    from .annotate import ALL_TASKS, Job, annotate, summary_table
     from .devices import expand_devices
+    from .inputs import discover
+    from .records import latest_per_input, load_records
 
-    job = Job(
-        inputs=args.inputs,
-        output_dir=args.output_dir,
-        task=args.task,
-        model=args.model,
-        hub=args.hub,
-        devices=expand_devices(args.devices or args.device),
-        dtype=args.dtype,
-        decoder=args.decoder,
-        prompt=args.prompt,
-        decoding=_decoding(args),
-        batch_size=args.batch_size,
-        long_audio=args.long_audio,
-        max_duration=args.max_duration,
-        segment_seconds=args.segment_seconds,
-        overwrite=args.overwrite,
-        write_txt="txt" in args.format,
-        shard=_shard(args.shard),
-    )
-    summary = annotate(job, progress=not args.quiet)
-    print(summary_table(summary), file=sys.stderr)
-    print(f"records: {job.output_dir / 'annotations.jsonl'}", file=sys.stderr)
-    return 0 if summary.ok else 1
+    tasks = _tasks(args.tasks, ALL_TASKS)
+    models = _models(args.model, [task for task in tasks if task != "meta"])
+    if args.prompt and sum(task != "meta" for task in tasks) > 1:
+        raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    ok = True
+    for task in tasks:
+        job = Job(
+            inputs=args.inputs,
+            output_dir=args.output_dir,
+            task=task,
+            model=models.get(task),
+            hub=args.hub,
+            devices=["cpu"] if task == "meta" else expand_devices(args.devices or args.device),
+            dtype=args.dtype,
+            decoder=args.decoder,
+            prompt=args.prompt,
+            decoding=_decoding(args),
+            batch_size=args.batch_size,
+            long_audio=args.long_audio,
+            max_duration=args.max_duration,
+            segment_seconds=args.segment_seconds,
+            overwrite=args.overwrite,
+            write_txt="txt" in args.format,
+            shard=_shard(args.shard),
+        )
+        if len(tasks) > 1:
+            log.info("task %s", task)
+        summary = annotate(job, progress=not args.quiet)
+        print(f"{task}:\n{summary_table(summary)}", file=sys.stderr)
+        ok &= summary.ok
+    print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
+    formats = [f for f in args.format if f != "txt"]
+    if formats:
+        relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
+        records = latest_per_input(load_records(args.output_dir))
+        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite)
+        print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _tasks(text: str, known: tuple[str, ...]) -> list[str]:
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in known]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {text!r}: use a comma list of {', '.join(known)}")
+    return list(dict.fromkeys(tasks))
+
+
+def _models(values: list[str], tasks: list[str]) -> dict[str, str]:
+    """--model MODEL (every model task) and --model TASK=MODEL (one task)."""
+    models: dict[str, str] = {}
+    for value in values:
+        task, sep, model = value.partition("=")
+        if sep and task in ("caption", "lyrics"):
+            models[task] = model
+        else:
+            models.update({task: value for task in tasks})
+    return models
 
 
 def _decoding(args: argparse.Namespace):

@@ -6,6 +6,7 @@ Everything backend-specific lives here. torch_npu is imported only when an NPU i
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import resource
@@ -269,3 +270,19 @@ def expand_devices(spec: str) -> list[str]:
             return [f"{kind}:{index}" for index in range(_count(kind))]
         return [first]
     return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def share_malloc_arena() -> None:
+    """Make threads started from now on allocate from glibc's main arena.
+
+    A worker thread otherwise gets its own arena, whose heaps give large activations back to the system
+    and fault them in again op after op: measured 5-10 % slower CPU captioning than on the main thread.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
+        except (OSError, AttributeError):  # not glibc
+            pass

@@ -1,0 +1,173 @@
+"""ACE-Step 1.5's dataset formats, written from annotate's records.
+
+- `acestep`: beside each song (or mirrored under a folder), `song.caption.txt`, `song.lyrics.txt` and
+  `song.json` (caption, bpm, keyscale, timesignature, language, duration, is_instrumental), the files its
+  dataset scanner reads.
+- `csv`: one `File, BPM, Key, Caption` table, which the scanner ranks above both.
+- `acestep-dataset`: the dataset JSON the ACE-Step UI saves (`metadata` and `samples[]`).
+
+A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. Every file is
+written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .lyrics import INSTRUMENTAL
+from .writers import atomic_write
+
+log = logging.getLogger("acecap")
+
+FORMATS = ("acestep", "csv", "acestep-dataset")
+JSON_KEYS = ("caption", "bpm", "keyscale", "timesignature", "language", "duration", "is_instrumental", "genre")
+
+
+@dataclass
+class Song:
+    """What the records say about one audio file, across tasks."""
+
+    audio: Path
+    relative: Path  # under the input folder it was found in
+    caption: str | None = None
+    lyrics: str | None = None
+    raw_lyrics: str | None = None
+    language: str | None = None
+    is_instrumental: bool | None = None
+    bpm: int | None = None
+    keyscale: str | None = None
+    timesignature: str | None = None
+    duration: float | None = None
+    genre: str | None = None
+
+    def fields(self) -> dict:
+        """The song.json keys that have a value."""
+        values = {key: getattr(self, key) for key in JSON_KEYS}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+def songs_from_records(records: list[dict], relative: dict[str, Path]) -> list[Song]:
+    """One Song per audio file with at least one successful record, fields from each task's record."""
+    songs: dict[str, Song] = {}
+    for record in records:
+        if record.get("error") or record["path"] not in relative:
+            continue
+        song = songs.setdefault(record["path"], Song(Path(record["path"]), relative[record["path"]]))
+        song.duration = record.get("duration") or song.duration
+        if record["task"] == "caption":
+            song.caption = record["caption"]
+        elif record["task"] == "lyrics":
+            song.lyrics, song.raw_lyrics = record["lyrics"], record.get("raw_lyrics")
+            song.language, song.is_instrumental = record.get("language"), record.get("is_instrumental")
+        elif record["task"] == "meta":
+            song.bpm, song.keyscale = record.get("bpm"), record.get("keyscale")
+            beats = record.get("timesignature")
+            song.timesignature = str(beats) if beats is not None else None
+    return list(songs.values())
+
+
+def _has_text(path: Path) -> bool:
+    return path.is_file() and path.read_text(encoding="utf-8", errors="replace").strip() != ""
+
+
+def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> list[Path]:
+    """song.caption.txt, song.lyrics.txt and song.json beside the audio (or under `folder`, mirrored)."""
+    base = song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
+    written = []
+    for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
+        path = base.with_name(base.name + suffix)
+        if text is None or (_has_text(path) and not overwrite):
+            continue
+        atomic_write(path, text.strip() + "\n")
+        written.append(path)
+    path = base.with_name(base.name + ".json")
+    existing: dict = {}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: not valid JSON; leaving it as it is", path)
+            return written
+        if not isinstance(existing, dict):
+            log.warning("%s: not a JSON object; leaving it as it is", path)
+            return written
+    merged = dict(existing)
+    for key, value in song.fields().items():
+        if overwrite or existing.get(key) in (None, ""):
+            merged[key] = value
+    if merged != existing or not path.is_file():
+        atomic_write(path, json.dumps(merged, ensure_ascii=False, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
+def write_csv(songs: list[Song], path: Path) -> Path:
+    """The `File, BPM, Key, Caption` table (File: the audio's name, as the scanner matches it)."""
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")
+    table.writerow(["File", "BPM", "Key", "Caption"])
+    for song in songs:
+        bpm = "" if song.bpm is None else song.bpm
+        table.writerow([song.audio.name, bpm, song.keyscale or "", song.caption or ""])
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
+    """The ACE-Step UI's dataset JSON: `metadata` and one entry in `samples` per song."""
+    samples = []
+    for index, song in enumerate(songs):
+        lyrics = song.lyrics if song.lyrics is not None else ""
+        samples.append(
+            {
+                "id": f"{index:06d}",
+                "audio_path": str(song.audio),
+                "filename": song.audio.name,
+                "caption": song.caption or "",
+                "genre": song.genre or "",
+                "lyrics": lyrics,
+                "raw_lyrics": song.raw_lyrics or "",
+                "formatted_lyrics": lyrics,
+                "bpm": song.bpm,
+                "keyscale": song.keyscale or "",
+                "timesignature": song.timesignature or "",
+                "duration": song.duration,
+                "language": song.language or "unknown",
+                "is_instrumental": bool(song.is_instrumental) or lyrics == INSTRUMENTAL,
+                "custom_tag": "",
+                "labeled": song.caption is not None,
+                "prompt_override": None,
+            }
+        )
+    metadata = {
+        "name": name,
+        "custom_tag": "",
+        "tag_position": "prepend",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_samples": len(samples),
+        "all_instrumental": bool(samples) and all(s["is_instrumental"] for s in samples),
+        "genre_ratio": 0,
+    }
+    atomic_write(path, json.dumps({"metadata": metadata, "samples": samples}, ensure_ascii=False, indent=2) + "\n")
+    return path
+
+
+def export(records: list[dict], relative: dict[str, Path], formats: list[str], output_dir: Path,
+           sidecar_dir: Path | None = None, overwrite: bool = False) -> list[Path]:  # fmt: skip
+    """Write the ACE-Step `formats` for every song with a successful record; the paths written."""
+    songs = songs_from_records(records, relative)
+    written: list[Path] = []
+    if "acestep" in formats:
+        for song in songs:
+            written += write_sidecars(song, sidecar_dir, overwrite)
+    if "csv" in formats:
+        written.append(write_csv(songs, output_dir / "dataset.csv"))
+    if "acestep-dataset" in formats:
+        written.append(write_dataset(songs, output_dir / "dataset.json", output_dir.resolve().name))
+    return written

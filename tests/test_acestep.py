@@ -1,0 +1,147 @@
+"""`annotate --tasks caption,lyrics,meta -f acestep`: a dataset ACE-Step's scanner reads as written."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from conftest import run_acecap
+from test_benchmarks import load_program
+
+AUDIO = (".wav", ".mp3", ".flac", ".ogg", ".opus")
+
+
+def scan(folder: Path) -> dict[str, dict]:
+    """ACE-Step 1.5's dataset scanner rules (../shared/brief/formats.md), written independently of acecap:
+    per audio file, song.caption.txt, then song.json's five keys, then any *.csv row (headers
+    case-insensitive) override in that order; lyrics from song.lyrics.txt, else song.txt."""
+    found = {}
+    tables = {}
+    for table in folder.glob("*.csv"):
+        with table.open(encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                row = {key.strip().lower(): value for key, value in row.items()}
+                tables[row["file"]] = row
+    for audio in sorted(p for p in folder.iterdir() if p.suffix in AUDIO):
+        base = audio.with_suffix("")
+        entry = {"caption": None, "bpm": None, "keyscale": None, "timesignature": None, "language": None}
+        caption = base.with_name(base.name + ".caption.txt")
+        if caption.is_file():
+            entry["caption"] = caption.read_text(encoding="utf-8").strip()
+        lyrics = base.with_name(base.name + ".lyrics.txt")
+        lyrics = lyrics if lyrics.is_file() else base.with_name(base.name + ".txt")
+        entry["lyrics"] = lyrics.read_text(encoding="utf-8").strip() if lyrics.is_file() else None
+        sidecar = base.with_name(base.name + ".json")
+        if sidecar.is_file():
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            entry.update({key: data[key] for key in entry if key in data and key != "lyrics"})
+        if audio.name in tables:
+            row = tables[audio.name]
+            entry.update({"bpm": int(row["bpm"]) if row["bpm"] else None, "keyscale": row["key"] or None})
+            entry["caption"] = row["caption"] or entry["caption"]
+        found[audio.name] = entry
+    return found
+
+
+def write_songs(folder: Path) -> Path:
+    """Two short band clips of known tempo and key (the meta benchmark's material), as 44.1 kHz wavs."""
+    meta = load_program("meta")
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for case in (meta.Case("waltz", "band", 96, 3, "D major"), meta.Case("rock", "band", 128, 4, "A minor")):
+        mono = meta.render(case, 12.0, rng)
+        soundfile.write(folder / f"{case.name}.wav", np.stack([mono, mono], axis=1), meta.RATE)
+    return folder
+
+
+def records_by_file(out: Path) -> dict[tuple[str, str], dict]:
+    lines = (out / "annotations.jsonl").read_text(encoding="utf-8").splitlines()
+    return {(Path(r["path"]).name, r["task"]): r for r in map(json.loads, lines)}
+
+
+def test_a_dataset_ace_step_reads_back(tiny_model, tmp_path):
+    songs = write_songs(tmp_path / "songs")
+    out = tmp_path / "labels"
+    tasks = "caption,lyrics,meta"
+    formats = ["-f", "acestep", "-f", "csv", "-f", "acestep-dataset"]
+    result = run_acecap(
+        "annotate", str(songs), "-o", str(out), "--tasks", tasks, *formats, "--model", str(tiny_model),
+        "--device", "cpu", "--max-new-tokens", "8", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = records_by_file(out)
+    assert {task for _, task in records} == {"caption", "lyrics", "meta"} and len(records) == 6
+    scanned = scan(songs)
+    for name, entry in scanned.items():
+        caption, lyrics, meta = (records[(name, task)] for task in ("caption", "lyrics", "meta"))
+        assert entry["caption"] == caption["caption"].strip()
+        assert entry["lyrics"] == lyrics["lyrics"]
+        assert entry["language"] == lyrics["language"]
+        assert (entry["bpm"], entry["keyscale"]) == (meta["bpm"], meta["keyscale"])
+        assert entry["timesignature"] == str(meta["timesignature"])
+        assert lyrics["raw_lyrics"] is not None and isinstance(lyrics["is_instrumental"], bool)
+    # The signal analysis finds what the material was made with.
+    assert (records[("waltz.wav", "meta")]["keyscale"], records[("rock.wav", "meta")]["keyscale"]) == (
+        "D major",
+        "A minor",
+    )
+    assert abs(records[("rock.wav", "meta")]["bpm"] - 128) <= 2
+
+    # The csv, put where the scanner looks, outranks the sidecars.
+    table = out / "dataset.csv"
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    assert [r["File"] for r in rows] == ["rock.wav", "waltz.wav"] or [r["File"] for r in rows] == [
+        "waltz.wav",
+        "rock.wav",
+    ]
+    edited = table.read_text(encoding="utf-8").replace(rows[0]["Caption"], "from the table", 1)
+    (songs / "labels.csv").write_text(edited, encoding="utf-8")
+    assert scan(songs)[rows[0]["File"]]["caption"] == "from the table"
+
+    dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert dataset["metadata"]["num_samples"] == 2 == len(dataset["samples"])
+    sample = next(s for s in dataset["samples"] if s["filename"] == "waltz.wav")
+    assert sample["keyscale"] == "D major" and sample["caption"] == records[("waltz.wav", "caption")]["caption"]
+    assert sample["lyrics"] == records[("waltz.wav", "lyrics")]["lyrics"] and sample["labeled"] is True
+
+
+def test_hand_edited_sidecars_survive_a_rerun(tiny_model, tmp_path):
+    songs = write_songs(tmp_path / "songs")
+    (songs / "waltz.caption.txt").write_text("A waltz I described myself.\n", encoding="utf-8")
+    (songs / "waltz.json").write_text(json.dumps({"bpm": 95, "genre": "folk", "mine": True}), encoding="utf-8")
+    out = tmp_path / "labels"
+    base = ["annotate", str(songs), "-o", str(out), "--tasks", "caption,meta", "-f", "acestep"]
+    options = ["--model", str(tiny_model), "--device", "cpu", "--max-new-tokens", "4", "--quiet"]
+    assert run_acecap(*base, *options).returncode == 0
+    assert (songs / "waltz.caption.txt").read_text(encoding="utf-8") == "A waltz I described myself.\n"
+    kept = json.loads((songs / "waltz.json").read_text(encoding="utf-8"))
+    assert (kept["bpm"], kept["genre"], kept["mine"]) == (95, "folk", True)  # kept
+    assert kept["keyscale"] == "D major" and kept["timesignature"] == "3"  # added
+    assert (songs / "rock.caption.txt").is_file()  # nothing there before: written
+
+    copy = tmp_path / "before"
+    shutil.copytree(songs, copy)
+    assert run_acecap(*base, *options).returncode == 0  # a plain re-run changes nothing
+    assert all((songs / p.name).read_bytes() == p.read_bytes() for p in copy.iterdir())
+
+    assert run_acecap(*base, *options, "--overwrite").returncode == 0
+    replaced = json.loads((songs / "waltz.json").read_text(encoding="utf-8"))
+    assert replaced["bpm"] != 95 and replaced["mine"] is True  # acecap's values win; unknown keys stay
+    records = records_by_file(out)
+    assert (songs / "waltz.caption.txt").read_text(encoding="utf-8").strip() == records[("waltz.wav", "caption")][
+        "caption"
+    ].strip()
+
+
+def test_sidecars_can_go_under_another_folder(tiny_model, tmp_path):
+    songs = write_songs(tmp_path / "songs")
+    out, mirror = tmp_path / "labels", tmp_path / "mirror"
+    result = run_acecap(
+        "annotate", str(tmp_path / "songs"), "-o", str(out), "--tasks", "meta", "-f", "acestep",
+        "--sidecars-in", str(mirror), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in songs.iterdir()) == ["rock.wav", "waltz.wav"]  # the songs' folder untouched
+    assert json.loads((mirror / "rock.json").read_text(encoding="utf-8"))["keyscale"] == "A minor"
