@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 from conftest import run_acecap
+from PIL import Image
 
 from acecap.bench import Point, peak_bandwidth
 
@@ -54,6 +55,8 @@ def test_bench_command_runs_on_the_tiny_shape(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert table.count("| static |") == 2 and table.count("| transformers |") == 2
     assert done.stdout == table
+    with Image.open(tmp_path / "bench.png") as plot:  # a real PNG of throughput against batch size
+        assert plot.format == "PNG" and plot.size[0] > 400
 
 
 def test_bench_refuses_bad_options_before_loading(tmp_path):

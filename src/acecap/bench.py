@@ -171,10 +171,35 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Output tokens per second against batch size, one line per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for decoder in dict.fromkeys(run["decoder"] for run in report["runs"]):
+        runs = [r for r in report["runs"] if r["decoder"] == decoder and not r.get("error")]
+        if runs:
+            axes.plot([r["batch"] for r in runs], [r["output_tok_s"] for r in runs], marker="o", label=decoder)
+    setup = report["setup"]
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("batch size (clips)")
+    axes.set_ylabel("output tokens / s")
+    axes.set_title(f"{setup['model']} on {setup['device_name']} ({setup['dtype']}), {setup['seconds']:g} s clips")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def write_report(report: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "bench.md").write_text(markdown(report) + "\n")
+    plot(report, folder / "bench.png")
 
 
 def bench(

@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure speed: time to first token, tok/s, audio-s/s, memory, per decoder and batch size",
         description="Time captioning on one device: every decoder at every batch size, each point after a "
         "warm-up, decoding exactly --tokens tokens per clip. Random weights in a model's shape run at that "
-        "model's speed, so --shapes 7b measures the real model without downloading it. Writes bench.json "
-        "and bench.md into -o.",
+        "model's speed, so --shapes 7b measures the real model without downloading it. Writes bench.json, "
+        "bench.md and bench.png (throughput against batch size) into -o.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES,
     )  # fmt: skip
     source = bench.add_mutually_exclusive_group()
