@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     annotate = commands.add_parser(
         "annotate", help="label whole folders into OUT/annotations.jsonl: batched, resumable, robust",
-        description="Caption every audio file under the inputs (folders are searched recursively; .txt, .csv "
-        "and .jsonl manifests list files) into OUT/annotations.jsonl, one record per file. Run the same "
+        description="Label every audio file under the inputs (folders are searched recursively; .txt, .csv "
+        "and .jsonl manifests list files) with each of --tasks (a caption, lyrics, tempo/key/metre) into "
+        "OUT/annotations.jsonl, one record per file and task; -f acestep also writes the files ACE-Step's "
+        "trainer reads. Run the same "
         "command again to finish an interrupted run: finished files are skipped. A file that cannot be "
         "read gets an error record and the run goes on; the exit status is 1 if any file failed.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ANNOTATE_EXAMPLES,
