@@ -351,18 +351,9 @@ class _Worker:
             except Exception as error:  # one file's analysis failing must not end the run
                 records.append(self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}"))
                 continue
-            found = [
-                f"{meta.bpm} BPM" if meta.bpm else None,
-                meta.keyscale,
-                f"{meta.timesignature}/4" if meta.timesignature else None,
-            ]
             fields = {key: value for key, value in meta.to_dict().items() if key != "duration"}
             timings = {"audio_s": decoded.audio_s, "total_s": time.perf_counter() - start}
-            records.append(
-                self.record(
-                    decoded, meta=", ".join(f for f in found if f) or "no tempo or key", **fields, timings=timings
-                )
-            )
+            records.append(self.record(decoded, meta=meta.summary(), **fields, timings=timings))
         self.save(records, good)
 
     def _write_txt(self, records: list[dict], good: list[Decoded]) -> None:
@@ -379,28 +370,24 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
     """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
     from .captioner import Captioner
 
-    if job.task == "meta":
-        worker = _Worker(job, None, rank, run_id, events)
-        events.put(("loaded", rank, "cpu", 0.0))
-        for chunk in _prefetch(work):
-            worker.run_chunk(chunk)
-        events.put(("exit", rank, device, None))
-        return
-    try:
-        captioner = Captioner.from_pretrained(
-            job.model,
-            task=job.task,
-            device=device,
-            dtype=job.dtype,
-            hub=job.hub,
-            prompt=job.prompt,
-            decoder=job.decoder,
-        )
-    except Exception as error:
-        events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
-        return
+    captioner = None  # meta needs no model
+    if job.task != "meta":
+        try:
+            captioner = Captioner.from_pretrained(
+                job.model,
+                task=job.task,
+                device=device,
+                dtype=job.dtype,
+                hub=job.hub,
+                prompt=job.prompt,
+                decoder=job.decoder,
+            )
+        except Exception as error:
+            events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
+            return
     worker = _Worker(job, captioner, rank, run_id, events)
-    events.put(("loaded", rank, str(captioner.device), captioner.load_s))
+    loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
+    events.put(("loaded", rank, *loaded))
     for chunk in _prefetch(work):
         worker.run_chunk(chunk)
     events.put(("exit", rank, device, None))

@@ -230,10 +230,11 @@ class Captioner:
         """
         rows = [self._features([clip]) for clip in samples]
         frames = max(row["input_features"].shape[-1] for row in rows)
-        features = torch.cat([F.pad(r["input_features"], (0, frames - r["input_features"].shape[-1])) for r in rows])
-        mask = torch.cat(
-            [F.pad(r["feature_attention_mask"], (0, frames - r["input_features"].shape[-1])) for r in rows]
-        )
+
+        def padded(key: str) -> torch.Tensor:  # features and their mask share the frame axis
+            return torch.cat([F.pad(row[key], (0, frames - row[key].shape[-1])) for row in rows])
+
+        features, mask = padded("input_features"), padded("feature_attention_mask")
         prompts = [row["input_ids"][0] for row in rows]
         with torch.inference_mode():
             audio = compat.audio_embeddings(self.thinker, features, mask)

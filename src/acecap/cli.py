@@ -75,6 +75,8 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .acestep import FORMATS
+
     parser = argparse.ArgumentParser(
         prog="acecap",
         description="Label music with the ACE-Step Captioner (descriptions) and Transcriber (lyrics) "
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     annotate.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, audio files or manifests")
     annotate.add_argument("-o", "--output-dir", type=Path, required=True, help="where annotations.jsonl goes")
-    annotate.add_argument("-f", "--format", choices=["txt", "acestep", "csv", "acestep-dataset"], action="append",
+    annotate.add_argument("-f", "--format", choices=["txt", *FORMATS], action="append",
                           default=[], help="also write (repeatable): txt, OUT/<relative path>.<task>.txt; acestep, "
                           "song.caption.txt, song.lyrics.txt and song.json beside each song (what ACE-Step's "
                           "trainer reads; values already there are kept unless --overwrite); csv, OUT/dataset.csv "

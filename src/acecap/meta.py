@@ -38,6 +38,15 @@ class Meta:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """'96 BPM, D major, 3/4', or what was found of it."""
+        found = [
+            f"{self.bpm} BPM" if self.bpm else None,
+            self.keyscale,
+            f"{self.timesignature}/4" if self.timesignature else None,
+        ]
+        return ", ".join(f for f in found if f) or "no tempo or key"
+
 
 def analyse(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Meta:
     """Tempo, key and metre of mono float samples; None (confidence 0) where the clip is too short or silent."""
