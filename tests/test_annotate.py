@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import random
 import signal
 import subprocess
@@ -234,28 +235,37 @@ from acecap import Captioner, Decoding
 from acecap.annotate import _caption_splitting
 from acecap.audio import to_clip
 
+def vm(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) * 1024
+
 captioner = Captioner.from_pretrained(sys.argv[1], device="cpu")
 clips = [to_clip(np.random.default_rng(i).standard_normal(16000 * 300).astype(np.float32) * 0.1, 16000, str(i))
          for i in range(16)]
 decoding = Decoding(max_new_tokens=3)
 alone = [captioner.caption_clips([clip], decoding)[0].text for clip in clips]
-size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
-# The default decoder prefills clip by clip, so memory goes to the audio features and encoder: a batch of
-# sixteen five-minute clips needs ~3 GB more than the loaded model, one clip ~0.2 GB (growing with the
-# allocator's fragmentation over a run): allow 2 GB.
-resource.setrlimit(resource.RLIMIT_AS, (size + 2 * 2**30, resource.RLIM_INFINITY))
+one = vm("VmPeak") - vm("VmSize")  # the most one clip took above what stays mapped
+before = vm("VmSize")
+captioner.caption_clips(clips, decoding)
+sixteen = vm("VmPeak") - before
+# Half of what the batch of sixteen took: it fails, and after splitting the clips fit.
+resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + sixteen // 2, resource.RLIM_INFINITY))
 results = _caption_splitting(captioner, clips, decoding, 300.0)
-print(json.dumps({"alone": alone, "split": [r if isinstance(r, str) else r.text for r in results]}))
+print(json.dumps({"alone": alone, "split": [r if isinstance(r, str) else r.text for r in results],
+                  "one": one, "sixteen": sixteen}))
 """
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
     """A real allocation failure (address space capped), not a simulated one."""
+    # A fixed mmap threshold returns each freed tensor to the system at once, and one arena keeps
+    # threads from reserving their own: what the process has mapped then follows what it uses.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_ARENA_MAX="1")
     result = subprocess.run(
-        [sys.executable, "-c", OUT_OF_MEMORY_RUN, str(tiny_model)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", OUT_OF_MEMORY_RUN, str(tiny_model)], capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["one"] * 3 < outcome["sixteen"] // 2, "one clip should need far less than half the batch"
     assert outcome["split"] == outcome["alone"]
     assert "out of memory on a batch of 16; retrying in halves" in result.stderr
 

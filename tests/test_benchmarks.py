@@ -32,3 +32,17 @@ def test_annotate_benchmark_runs_and_computes_its_rates(tmp_path):
         assert run["files_per_min"] == pytest.approx(run["files"] / run["wall_s"] * 60)
     assert report["ratio"] == pytest.approx(ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"])
     assert f"{report['ratio']:.2f}×" in (tmp_path / "annotate.md").read_text()
+
+
+def test_encoder_benchmark_runs_and_agrees_with_the_library(tmp_path):
+    import transformers
+
+    bench = load_program("encoder")
+    report = bench.main(["--shape", "tiny", "--cases", "2x3", "1x40", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / f"encoder-{transformers.__version__}.json").read_text())
+    cases = [(case["clips"], case["seconds"], case["rows"]) for case in report["cases"]]
+    assert cases == [(2, 3.0, 150), (1, 40.0, 1000)]  # 25 audio tokens a second
+    for case in report["cases"]:
+        assert case["max_difference"] < 1e-4
+        assert case["speedup"] == pytest.approx(case["transformers_s"] / case["acecap_s"])
+    assert f"{report['cases'][1]['speedup']:.1f}×" in (tmp_path / f"encoder-{transformers.__version__}.md").read_text()

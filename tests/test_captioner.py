@@ -87,3 +87,26 @@ def test_a_batch_gives_each_clip_its_own_caption(captioner):
 def test_array_needs_a_sample_rate(captioner):
     with pytest.raises(ValueError, match="sample_rate"):
         captioner.caption(sawtooth(1))
+
+
+def test_audio_encoder_rows_do_not_depend_on_the_batch(captioner):
+    """Clips across 32 s piece boundaries (acecap encodes in pieces on 4.57) in one batch get the rows
+    the library's own encoder call gives each alone."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(int(16000 * s)).astype(np.float32) * 0.1 for s in (1.0, 31.9, 32.0, 70.0, 3.0)]
+    features = [captioner._features([clip]) for clip in clips]
+    with torch.inference_mode():
+        outputs = [
+            captioner.thinker.get_audio_features(
+                f["input_features"], feature_attention_mask=f["feature_attention_mask"]
+            )
+            for f in features
+        ]
+        alone = [getattr(out, "last_hidden_state", out) for out in outputs]  # 4.57 returns the tensor
+        _, embeds = captioner._prompt_embeddings(clips)
+    for clip_embeds, rows, f in zip(embeds, alone, features, strict=True):
+        places = f["input_ids"][0] == captioner.audio_id
+        assert int(places.sum()) == len(rows)
+        torch.testing.assert_close(clip_embeds[places], rows, atol=1e-5, rtol=1e-5)
