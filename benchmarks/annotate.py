@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--longest", type=float, default=240.0, help="seconds")
     parser.add_argument("--tokens", type=int, default=200, help="tokens decoded per clip, on both sides")
     parser.add_argument("--batch-size", type=int, help="acecap's batch size (default: acecap's own)")
-    parser.add_argument("--decoder", default="auto", choices=["auto", "static", "graphs", "transformers"],
+    parser.add_argument("--decoder", default="auto", choices=["auto", "static", "compiled", "graphs", "transformers"],
                         help="acecap's decoder (default auto: graphs on CUDA, else static)")  # fmt: skip
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
 """The static-cache decoder against transformers' own generate(), on the tiny model."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from acecap import Captioner, Decoding
 from acecap.audio import Clip
 from acecap.decode import choose_decoder, length_groups, pick
+from acecap.devices import choose_compiler
 
 
 def noise_clips(seconds: list[float]) -> list[Clip]:
@@ -35,6 +38,21 @@ def test_static_decoder_gives_the_tokens_of_transformers_generate(pair, decoding
     theirs = reference.caption_clips(clips, decoding)
     assert [(r.text, r.tokens, r.finished) for r in ours] == [(r.text, r.tokens, r.finished) for r in theirs]
     assert all(r.tokens == decoding.max_new_tokens for r in ours)  # random weights never end by themselves
+
+
+def test_compiled_decoder_gives_the_tokens_of_the_eager_one(pair):
+    static, _ = pair
+    compiled = Captioner(
+        static.thinker, static.processor, task="caption", prompt=static.prompt, model_name="tiny", load_s=0.0,
+        decoder="compiled",
+    )  # fmt: skip
+    decoding = Decoding(max_new_tokens=24)
+    # Three length groups, then a layout of one row: the compiled layer must serve both.
+    for seconds in ([3.0, 7.5, 1.2, 12.0, 30.0], [4.0]):
+        clips = noise_clips(seconds)
+        ours = compiled.caption_clips(clips, decoding)
+        eager = static.caption_clips(clips, decoding)
+        assert [(r.text, r.tokens) for r in ours] == [(r.text, r.tokens) for r in eager]
 
 
 def test_prefill_logits_match_the_thinker_forward(pair):
@@ -76,7 +94,7 @@ def test_rows_share_a_cache_only_with_rows_of_similar_length():
     assert length_groups([7, 7, 7]) == [(0, 3)]
 
 
-def test_decoder_choice():
+def test_decoder_choice(caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
     assert choose_decoder("auto", cpu) == "static"
     assert choose_decoder("auto", cuda) == "graphs"
@@ -85,6 +103,18 @@ def test_decoder_choice():
         choose_decoder("graphs", cpu)
     with pytest.raises(ValueError, match="unknown decoder"):
         choose_decoder("fast", cpu)
+    assert choose_decoder("compiled", cpu) == "compiled"
+    with caplog.at_level(logging.WARNING, logger="acecap"):
+        assert choose_decoder("compiled", torch.device("mps")) == "static"
+    assert "decoding eagerly (static) on mps" in caplog.text
+
+
+def test_compiler_choice_per_device():
+    assert choose_compiler("cpu", torchair_installed=False) == ("inductor", "")
+    assert choose_compiler("cuda", torchair_installed=False) == ("inductor", "")
+    assert choose_compiler("npu", torchair_installed=True) == ("torchair", "")
+    backend, reason = choose_compiler("npu", torchair_installed=False)
+    assert backend is None and "torchair" in reason and "not installed" in reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,8 +122,8 @@ def test_cuda_graphs_give_the_tokens_of_the_eager_decoders(tiny_model):
     clips = noise_clips([3.0, 7.5, 1.2, 12.0])
     decoding = Decoding(max_new_tokens=24)
     texts = {}
-    for decoder in ("graphs", "static", "transformers"):
+    for decoder in ("graphs", "compiled", "static", "transformers"):
         captioner = Captioner.from_pretrained(tiny_model, device="cuda", dtype="fp32", decoder=decoder)
         texts[decoder] = [r.text for r in captioner.caption_clips(clips, decoding)]
         assert [r.text for r in captioner.caption_clips(clips[:1], decoding)] == texts[decoder][:1]
-    assert texts["graphs"] == texts["static"] == texts["transformers"]
+    assert texts["graphs"] == texts["compiled"] == texts["static"] == texts["transformers"]

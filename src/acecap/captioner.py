@@ -109,9 +109,10 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
 
-        `decoder`: "static" (static KV cache, each clip prefilled unpadded), "graphs" (the same, each decode
-        step replayed as a CUDA graph), "transformers" (the library's generate(): the slower reference),
-        or "auto" (graphs on CUDA, else static).
+        `decoder`: "static" (static KV cache, each clip prefilled unpadded), "compiled" (the same, each
+        layer's decode step compiled by torch.compile), "graphs" (the static step replayed as a CUDA graph),
+        "transformers" (the library's generate(): the slower reference), or "auto" (graphs on CUDA, else
+        static).
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
@@ -190,8 +191,8 @@ class Captioner:
             generated = generate(self.thinker, self._features(samples), decoding, self.end_ids, self.pad_id)
         else:
             prompts, embeds = self._prompt_embeddings(samples)
-            graphs = self.decoder == "graphs"
-            generated = generate_static(self.thinker, prompts, embeds, decoding, self.end_ids, self.pad_id, graphs)
+            ends = (self.end_ids, self.pad_id)
+            generated = generate_static(self.thinker, prompts, embeds, decoding, *ends, decoder=self.decoder)
         total_s = devices.now(self.device) - start
         texts = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
         results = []

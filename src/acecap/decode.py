@@ -10,13 +10,17 @@ checkpoint's own modules; only attention, the rotary embedding and the cache are
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from . import compat, devices
 from .generate import Decoding, Generated
 
-DECODERS = ("auto", "static", "graphs", "transformers")
+DECODERS = ("auto", "static", "compiled", "graphs", "transformers")
+log = logging.getLogger("acecap")
 
 
 def choose_decoder(decoder: str, device: torch.device) -> str:
@@ -25,6 +29,10 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
         raise ValueError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
     if decoder == "graphs" and device.type != "cuda":
         raise ValueError(f"--decoder graphs needs a CUDA device, not {device.type}")
+    if decoder == "compiled" and devices.compiler(device) is None:
+        _, reason = devices.choose_compiler(device.type, torchair_installed=False)
+        log.warning("decoding eagerly (static) on %s: %s", device, reason)
+        return "static"
     if decoder == "auto":
         return "graphs" if device.type == "cuda" else "static"
     return decoder
@@ -67,7 +75,7 @@ class Decoder:
     its cache slot.
     """
 
-    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int):
+    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int, compile_backend: str | None = None):
         if prompt_lengths != sorted(prompt_lengths):
             raise ValueError("Decoder rows must be sorted by prompt length")
         text = compat.text_model(thinker)
@@ -91,7 +99,7 @@ class Decoder:
             self.keys.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
             self.values.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
         self.slots = torch.arange(capacities[-1], device=device)
-        self.local = torch.arange(max(end - start for start, end in self.groups), device=device)
+        self.layer_step = compiled_decode_layer(compile_backend) if compile_backend else decode_layer
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq
@@ -151,25 +159,49 @@ class Decoder:
             capacity = self.keys[g][0].shape[2]
             visible.append((self.slots[None, :capacity] <= lengths[start:end, None])[:, None, None, :])
         hidden = self.embed(tokens)[:, None]
+        shape = (self.heads, self.kv_heads, self.head_dim)
         for i, layer in enumerate(self.layers):
-
-            def attend(attention, hidden, i=i):
-                q, k, v = self._qkv(attention, hidden, cos, sin)
-                outs = []
-                for g, (start, end) in enumerate(self.groups):
-                    keys, values, index = self.keys[g][i], self.values[g][i], self.local[: end - start]
-                    keys[index, :, lengths[start:end]] = k[start:end, :, 0]
-                    values[index, :, lengths[start:end]] = v[start:end, :, 0]
-                    # Each KV head read once for its group of query heads: no expansion to all heads.
-                    query = q[start:end].reshape(end - start, self.kv_heads, -1, self.head_dim)
-                    scores = torch.matmul(query, keys.transpose(-1, -2)) * attention.scaling
-                    scores = scores.masked_fill(~visible[g], float("-inf"))
-                    weights = torch.softmax(scores.float(), dim=-1).to(self.dtype)
-                    outs.append(torch.matmul(weights, values).reshape(end - start, 1, -1))
-                return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-            hidden = self._block(layer, hidden, attend)
+            keys, values = [group[i] for group in self.keys], [group[i] for group in self.values]
+            hidden = self.layer_step(layer, hidden, cos, sin, lengths, keys, values, visible, shape)
         return self.head(self.norm(hidden[:, 0])).float()
+
+
+def decode_layer(layer, hidden, cos, sin, lengths, keys, values, visible, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One layer of a decode step over (rows, 1, hidden); keys, values and visible hold one tensor per group.
+
+    A plain function of tensors and the checkpoint's modules, so one compiled copy serves every layer and
+    group sizes are read off tensor shapes, not burnt in as constants.
+    """
+    heads, kv_heads, head_dim = shape
+    attention = layer.self_attn
+    rows = hidden.shape[0]
+    normed = layer.input_layernorm(hidden)
+    q = attention.q_proj(normed).view(rows, 1, heads, head_dim).transpose(1, 2)
+    k = attention.k_proj(normed).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    v = attention.v_proj(normed).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    outs, start = [], 0
+    for group_keys, group_values, group_visible in zip(keys, values, visible, strict=True):
+        end = start + group_keys.shape[0]
+        index = torch.arange(end - start, device=hidden.device)
+        group_keys[index, :, lengths[start:end]] = k[start:end, :, 0]
+        group_values[index, :, lengths[start:end]] = v[start:end, :, 0]
+        # Each KV head read once for its group of query heads: no expansion to all heads.
+        query = q[start:end].reshape(end - start, kv_heads, -1, head_dim)
+        scores = torch.matmul(query, group_keys.transpose(-1, -2)) * attention.scaling
+        scores = scores.masked_fill(~group_visible, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(hidden.dtype)
+        outs.append(torch.matmul(weights, group_values).reshape(end - start, 1, -1))
+        start = end
+    hidden = hidden + attention.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@functools.cache
+def compiled_decode_layer(backend: str):
+    """decode_layer compiled once per process: shapes dynamic, so new batch layouts rarely recompile."""
+    return torch.compile(decode_layer, backend=backend, dynamic=True)
 
 
 class GraphedStep:
@@ -217,7 +249,7 @@ def generate_static(
     decoding: Decoding,
     end_ids: list[int],
     pad_id: int,
-    graphs: bool = False,
+    decoder: str = "static",
 ) -> Generated:
     """Generate for a batch of prompts (token ids and their embeddings, audio merged in), one row each."""
     device = thinker.device
@@ -225,7 +257,10 @@ def generate_static(
     rows = len(prompts)
     order = sorted(range(rows), key=lambda r: len(prompts[r]))  # the decoder groups rows of similar length
     prompts, embeds = [prompts[r] for r in order], [embeds[r] for r in order]
-    decoder = Decoder(thinker, [len(p) for p in prompts], decoding.max_new_tokens)
+    backend = devices.compiler(device) if decoder == "compiled" else None
+    # On CUDA the compiled step is captured too: fused kernels, and no launches left to pay for.
+    graphs = decoder == "graphs" or (decoder == "compiled" and device.type == "cuda")
+    decoder = Decoder(thinker, [len(p) for p in prompts], decoding.max_new_tokens, backend)
     vocab = thinker.lm_head.out_features
     ends = torch.tensor(end_ids, device=device)
     with torch.inference_mode():

@@ -7,6 +7,7 @@ Everything backend-specific lives here. torch_npu is imported only when an NPU i
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import resource
@@ -286,3 +287,27 @@ def share_malloc_arena() -> None:
             ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+def choose_compiler(kind: str, torchair_installed: bool) -> tuple[str | None, str]:
+    """The torch.compile backend for the decode step on a device kind, or None and why it decodes eagerly."""
+    if kind in ("cpu", "cuda"):
+        return "inductor", ""
+    if kind == "npu":
+        if torchair_installed:
+            return "torchair", ""
+        return None, "torchair (Ascend's torch.compile backend) is not installed"
+    return None, f"torch.compile has no backend acecap trusts on {kind}"
+
+
+def compiler(device: torch.device):
+    """What to pass torch.compile as backend on this device, or None where decoding stays eager."""
+    name, _ = choose_compiler(device.type, importlib.util.find_spec("torchair") is not None)
+    return _torchair_backend() if name == "torchair" else name
+
+
+@functools.cache
+def _torchair_backend():
+    import torchair  # Ascend's graph-mode backend, shipped beside torch_npu
+
+    return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
