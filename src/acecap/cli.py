@@ -21,7 +21,7 @@ examples:
 """
 
 
-def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False) -> None:
+def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False, device: bool = True) -> None:
     group = parser.add_argument_group("model and device")
     if several_tasks:
         group.add_argument(
@@ -50,6 +50,8 @@ def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False)
         help="where to download a hub id from; auto tries both caches, then ModelScope, "
         "then Hugging Face. HF_HUB_OFFLINE=1 allows caches only. Default: auto",
     )
+    if not device:  # compare names a device and dtype per side, and decodes with the static cache
+        return
     group.add_argument(
         "--device", default="auto", help="auto, cpu, cuda[:i], npu[:i] or mps; auto prefers npu > cuda > mps > cpu"
     )
@@ -172,6 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
     bench.add_argument("-o", "--output-dir", type=Path, default=Path("bench"), help="report folder (default bench)")
 
+    compare = commands.add_parser(
+        "compare", help="check a device and dtype against a reference: tokens, logits and every layer",
+        description="Run one model on two sides (DEVICE:DTYPE, one loaded at a time) over a built-in suite "
+        "of generated clips (the seed's 5 s sawtooth, tones, chords, drums, noise, near-silence, a 60 s mix) "
+        "plus any files given. Each side generates greedily; then both are fed the reference's tokens, so "
+        "next-token distributions (KL, top-1 agreement) and every audio-encoder and language-model layer "
+        "(cosine, max error; pass/warn/fail) compare on the same inputs. Writes precision_results.json, "
+        "report.md, layer_cosine.png and kl_per_step.png into -o. Exit status: 0 for pass or warn, 1 for "
+        "fail (a layer below cosine 0.9 or past its error limit), 2 when it cannot run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_EXAMPLES,
+    )  # fmt: skip
+    compare.add_argument("paths", nargs="*", metavar="PATH",
+                         help="audio files or folders to compare on too; or two saved runs (caption -f "
+                         "json or jsonl, annotate's annotations.jsonl): their texts, running nothing")  # fmt: skip
+    compare.add_argument("--ref", default="cpu:fp32", help="reference side, DEVICE:DTYPE (default cpu:fp32)")
+    compare.add_argument("--cand", default="auto:auto",
+                         help="candidate side, DEVICE:DTYPE, like npu:0:bf16 or cpu:bf16 (default auto:auto: "
+                         "the best device in its usual dtype)")  # fmt: skip
+    compare.add_argument("--no-suite", action="store_true", help="only the files given, not the built-in clips")
+    compare.add_argument("--max-new-tokens", type=int, default=128, help="tokens each side generates (default 128)")
+    compare.add_argument("--save-logits", action="store_true",
+                         help="also write both sides' teacher-forced logits to logits.npz (large for the "
+                         "real model: steps × 152k floats per clip and side)")  # fmt: skip
+    compare.add_argument("-o", "--output-dir", type=Path, default=Path("precision"),
+                         help="report folder (default precision)")  # fmt: skip
+    _model_options(compare, device=False)
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -189,6 +218,15 @@ examples:
   acecap bench --device cuda --shapes 7b --batch-sizes 1,16,64 the real model's shapes, bf16
   acecap bench --device npu:0 --shapes 7b                     the same on an Ascend card
   acecap bench --model ./acestep-captioner --seconds 60       a real checkpoint
+"""
+
+
+COMPARE_EXAMPLES = """\
+examples:
+  acecap compare --ref cpu:fp32 --cand npu:0:bf16          is this Ascend card faithful to the CPU?
+  acecap compare --ref cpu:fp32 --cand cpu:bf16 songs/     what bf16 costs, on the suite and your songs
+  acecap compare --ref cuda:fp32 --cand cuda:bf16 --model ./acestep-captioner -o precision-gpu
+  acecap compare laptop/annotations.jsonl npu-server/annotations.jsonl   two saved runs, texts only
 """
 
 
@@ -390,6 +428,39 @@ def bench_command(args: argparse.Namespace) -> int:
     return 1 if any(run.get("error") for run in report["runs"]) else 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from .audio import AudioError, load_audio
+    from .compare import builtin_suite, check_both_fit, compare, compare_results, parse_side
+    from .generate import Decoding
+    from .inputs import discover
+    from .precision_report import verdict, write_report, write_text_report
+
+    saved = [Path(p) for p in args.paths if Path(p).suffix in (".json", ".jsonl")]
+    if saved:  # two runs made elsewhere: compare what they saved
+        if len(saved) != 2 or len(args.paths) != 2:
+            raise ValueError("to compare saved runs give exactly two result files: REFERENCE.json CANDIDATE.json")
+        line = write_text_report(compare_results(*saved), *saved, args.output_dir)
+        print((args.output_dir / "report.md").read_text(), end="")
+        print(line, file=sys.stderr)
+        return 0
+    reference, candidate = parse_side(args.ref), parse_side(args.cand)
+    clips = [] if args.no_suite else builtin_suite()
+    for item in discover(args.paths):
+        try:
+            clips.append(load_audio(item.path))
+        except AudioError as error:
+            _error(f"{item.path}: {error}; left out")
+    if not clips:
+        raise ValueError("nothing to compare: give audio files, or leave out --no-suite")
+    check_both_fit(args.model, reference, candidate, args.task, args.hub)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
+    line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
+    print((args.output_dir / "report.md").read_text(), end="")
+    print(line, file=sys.stderr)
+    return 1 if verdict(results) == "fail" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False) or args.command != "annotate"
@@ -414,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             return annotate_command(args)
         if args.command == "bench":
             return bench_command(args)
+        if args.command == "compare":
+            return compare_command(args)
         return caption_command(args)
     except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         _error(str(error))

@@ -1,0 +1,265 @@
+"""`acecap compare`: one model on two device:dtype sides, the same clips, and how far apart they land.
+
+The reference side runs first and is unloaded before the candidate loads, so the two never share memory.
+Each side generates greedily on its own; then both are fed the reference's tokens (teacher forcing) so
+their next-token distributions and every layer's hidden states can be compared on the same inputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import compat, devices
+from .audio import SAMPLE_RATE, Clip
+from .captioner import DEFAULT_MAX_DURATION, Captioner
+from .decode import generate_static
+from .fidelity import (
+    character_similarity,
+    first_divergence,
+    first_failing,
+    layer_fidelity,
+    teacher_forced,
+    token_match_rate,
+    word_similarity,
+)
+from .generate import Decoding
+from .hub import resolve_model
+from .model import TASKS, resident_parameters
+
+HALF = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Side:
+    device: str
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.device}:{self.dtype}"
+
+
+def parse_side(text: str) -> Side:
+    """`cpu:fp32`, `npu:0:bf16`, `cuda:bf16` → device and dtype (the dtype defaults to auto)."""
+    device, _, dtype = text.strip().rpartition(":")
+    if ":" not in text or (dtype not in devices.DTYPES and dtype != "auto"):
+        device, dtype = text.strip(), "auto"
+    if not device:
+        raise ValueError(f"bad side {text!r}: use DEVICE:DTYPE, like cpu:fp32 or npu:0:bf16")
+    return Side(device, dtype)
+
+
+def builtin_suite(long_seconds: float = 60.0) -> list[Clip]:
+    """Clips made on the fly: the seed's 5 s sawtooth, two pure tones, a chord progression, a drum loop,
+    noise, near-silence and a long clip of all of them."""
+    rate = SAMPLE_RATE
+    rng = np.random.default_rng(0)
+
+    def t(seconds: float) -> np.ndarray:
+        return np.arange(int(seconds * rate)) / rate
+
+    def chord(frequencies: list[float], seconds: float) -> np.ndarray:
+        return sum(np.sin(2 * np.pi * f * t(seconds)) for f in frequencies) / len(frequencies)
+
+    sawtooth = 0.5 * (2 * ((t(5) * 220) % 1) - 1)
+    progression = np.concatenate([chord(c, 2.0) for c in ([261.6, 329.6, 392.0], [349.2, 440.0, 523.3],
+                                                           [392.0, 493.9, 587.3], [261.6, 329.6, 392.0])])  # fmt: skip
+    beat = np.zeros(int(0.5 * rate))
+    kick = np.sin(2 * np.pi * 60 * t(0.15)) * np.exp(-t(0.15) * 30)
+    beat[: len(kick)] += kick
+    hat = rng.standard_normal(int(0.05 * rate)) * np.exp(-t(0.05) * 80) * 0.3
+    beat[int(0.25 * rate) : int(0.25 * rate) + len(hat)] += hat
+    drums = np.tile(beat, 16)
+    clips = {
+        "sawtooth-5s": sawtooth,
+        "tone-440hz": 0.3 * np.sin(2 * np.pi * 440 * t(3)),
+        "tone-1khz": 0.3 * np.sin(2 * np.pi * 1000 * t(3)),
+        "chords": 0.3 * progression,
+        "drums": 0.5 * drums,
+        "noise": 0.1 * rng.standard_normal(5 * rate),
+        "near-silence": 1e-4 * rng.standard_normal(5 * rate),
+    }
+    mix = np.concatenate(list(clips.values()))
+    clips[f"long-{long_seconds:g}s"] = np.tile(mix, int(np.ceil(long_seconds * rate / len(mix))))[
+        : int(long_seconds * rate)
+    ]
+    return [Clip(samples.astype(np.float32), name) for name, samples in clips.items()]
+
+
+@dataclass
+class SideRun:
+    """What one side produced for one clip."""
+
+    tokens: list[int]  # generated, end token included when reached
+    text: str
+    logits: torch.Tensor  # (reference tokens, vocab), fp32 on the CPU: teacher-forced on the reference's tokens
+    layers: dict[str, torch.Tensor]  # hidden states per layer, encoder then language model, fp32 on the CPU
+
+
+def _encoder_layers(captioner: Captioner, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The prompt's ids and embeddings, and each audio-encoder layer's output on this clip."""
+    tower = compat.thinker_parts(captioner.thinker).audio_tower
+    outputs: list[list[torch.Tensor]] = [[] for _ in tower.layers]
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out)
+        )
+        for i, layer in enumerate(tower.layers)
+    ]
+    try:
+        prompts, embeds = captioner._prompt_embeddings([samples])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return prompts[0], embeds[0], [torch.cat(parts).float().cpu() for parts in outputs]
+
+
+def run_side(captioner: Captioner, clip: Clip, decoding: Decoding, forced: list[int] | None) -> SideRun:
+    """Generate for one clip, then feed `forced` (the reference's tokens; None: this side's own)."""
+    samples = clip.samples[: int(DEFAULT_MAX_DURATION * SAMPLE_RATE)]
+    with torch.inference_mode():
+        prompt, embeds, encoder = _encoder_layers(captioner, samples)
+        ends = (captioner.end_ids, captioner.pad_id)
+        generated = generate_static(captioner.thinker, [prompt], [embeds], decoding, *ends)
+        tokens = generated.tokens[0]
+        forced = tokens if forced is None else forced
+        text_model = compat.text_model(captioner.thinker)
+        fed = torch.tensor(forced[:-1], dtype=torch.long, device=embeds.device)
+        sequence = torch.cat([embeds, text_model.embed_tokens(fed)])[None]
+        out = text_model(inputs_embeds=sequence, output_hidden_states=True)
+        logits = captioner.thinker.lm_head(out.last_hidden_state[0, len(prompt) - 1 :]).float().cpu()
+    layers = {f"encoder.{i}": hidden for i, hidden in enumerate(encoder)}
+    # hidden_states[0] is the embeddings; [i + 1] is layer i's output (the last one after the final norm).
+    for i, hidden in enumerate(out.hidden_states[1:]):
+        layers[f"llm.{i}"] = hidden[0].float().cpu()
+    text = captioner.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return SideRun(tokens=tokens, text=text, logits=logits, layers=layers)
+
+
+def clip_metrics(reference: SideRun, candidate: SideRun, half_precision: bool) -> dict:
+    """Every metric for one clip, as plain JSON values."""
+    ref, cand = reference.tokens, candidate.tokens
+    step = first_divergence(ref, cand)
+    divergence = None
+    if step is not None and step < min(len(ref), len(cand)):
+        ref_top5 = reference.logits[step].topk(5).indices.tolist()
+        cand_top5 = candidate.logits[step].topk(5).indices.tolist()
+        divergence = {
+            "step": step,
+            "reference_token": ref[step],
+            "candidate_token": cand[step],
+            "candidate_token_in_reference_top5": cand[step] in ref_top5,
+            "reference_token_in_candidate_top5": ref[step] in cand_top5,
+        }
+    elif step is not None:
+        divergence = {"step": step, "reference_token": None, "candidate_token": None}
+    forced = teacher_forced(reference.logits, candidate.logits, ref)
+    layers = [layer_fidelity(name, reference.layers[name], candidate.layers[name], half_precision)
+              for name in reference.layers]  # fmt: skip
+    return {
+        "generation": {
+            "exact_match": ref == cand,
+            "token_match_rate": token_match_rate(ref, cand),
+            "first_divergence": divergence,
+            "character_similarity": character_similarity(reference.text, candidate.text),
+            "word_similarity": word_similarity(reference.text, candidate.text),
+            "reference_tokens": len(ref),
+            "candidate_tokens": len(cand),
+            "reference_ids": ref,
+            "candidate_ids": cand,
+            "reference_text": reference.text,
+            "candidate_text": candidate.text,
+        },
+        "teacher_forced": {
+            "top1_agreement": forced.top1_agreement,
+            "kl_mean": forced.kl_mean,
+            "kl_p99": forced.kl_p99,
+            "kl_max": forced.kl_max,
+            "perplexity_ratio": forced.perplexity_ratio,
+            "kl_per_step": forced.kl_per_step,
+        },
+        "layers": [layer.__dict__ for layer in layers],
+        "first_failing_layer": first_failing(layers),
+    }
+
+
+def _load(model, side: Side, task: str, hub: str) -> Captioner:
+    return Captioner.from_pretrained(model, task=task, device=side.device, dtype=side.dtype, hub=hub, decoder="static")
+
+
+def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding: Decoding,
+            task: str = "caption", hub: str = "auto") -> tuple[list[dict], dict]:  # fmt: skip
+    """Both sides over the clips, one loaded at a time: each clip's metrics, and the runs themselves."""
+    captioner = _load(model, reference, task, hub)
+    references = {clip.source: run_side(captioner, clip, decoding, None) for clip in clips}
+    del captioner
+    gc.collect()
+    captioner = _load(model, candidate, task, hub)
+    half = candidate.dtype in HALF or (candidate.dtype == "auto" and captioner.dtype != torch.float32)
+    runs, results = {}, []
+    for clip in clips:
+        ref = references[clip.source]
+        cand = run_side(captioner, clip, decoding, ref.tokens)
+        runs[clip.source] = (ref, cand)
+        results.append({"clip": clip.source, "seconds": clip.duration, **clip_metrics(ref, cand, half)})
+    return results, runs
+
+
+def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption", hub: str = "auto") -> None:
+    """Refuse before any work when either side's weights cannot fit its device (the two load in turn)."""
+    folder = resolve_model(str(model or TASKS[task].model_id), hub)
+    for side in (reference, candidate):
+        device = devices.resolve_device(side.device)
+        dtype = devices.resolve_dtype(side.dtype, device)
+        try:
+            devices.check_fits(resident_parameters(folder) * dtype.itemsize, device, dtype)
+        except devices.DeviceError as error:
+            raise devices.DeviceError(
+                f"{side}: {error}. Compare against results saved elsewhere (acecap compare A.json B.json), "
+                f"or bf16 against fp32 on a device where both fit"
+            ) from None
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Records of a caption or annotate run (a .json record or list, or .jsonl), by file name and task.
+
+    Runs made on other machines hold other absolute paths, so records pair up by file name.
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        loaded = json.loads(text)
+        records = loaded if isinstance(loaded, list) else [loaded]
+    named = {}
+    for record in records:
+        if record.get("error") is None and "text" in record:
+            name = Path(record.get("path") or record["source"]).name
+            named[f"{name} ({record.get('task', 'caption')})"] = record
+    return named
+
+
+def compare_results(reference: Path, candidate: Path) -> list[dict]:
+    """Text-level metrics for every file both runs captioned (saved runs hold text, not tokens or logits)."""
+    ref, cand = read_results(reference), read_results(candidate)
+    shared = [name for name in ref if name in cand]
+    if not shared:
+        raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
+    return [
+        {
+            "clip": name,
+            "generation": {
+                "exact_match": ref[name]["text"] == cand[name]["text"],
+                "character_similarity": character_similarity(ref[name]["text"], cand[name]["text"]),
+                "word_similarity": word_similarity(ref[name]["text"], cand[name]["text"]),
+                "reference_text": ref[name]["text"],
+                "candidate_text": cand[name]["text"],
+            },
+        }
+        for name in shared
+    ]

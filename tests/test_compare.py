@@ -1,0 +1,112 @@
+"""acecap compare on the tiny model: identical sides agree exactly; fp32 against bf16 gives figures that follow
+from the tokens and logits it dumps."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_acecap
+from PIL import Image
+
+from acecap import Decoding
+from acecap.compare import Side, builtin_suite, compare, parse_side
+from acecap.fidelity import word_similarity
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+def test_sides_parse():
+    assert parse_side("cpu:fp32") == Side("cpu", "fp32")
+    assert parse_side("npu:0:bf16") == Side("npu:0", "bf16")
+    assert parse_side("cuda:1") == Side("cuda:1", "auto")
+    assert parse_side("auto") == Side("auto", "auto")
+    with pytest.raises(ValueError, match="DEVICE:DTYPE"):
+        parse_side(":bf16")
+
+
+def test_the_suite_holds_what_it_says():
+    clips = {clip.source: clip for clip in builtin_suite(long_seconds=20)}
+    names = ["sawtooth-5s", "tone-440hz", "tone-1khz", "chords", "drums", "noise", "near-silence", "long-20s"]
+    assert list(clips) == names
+    assert clips["sawtooth-5s"].duration == 5.0 and clips["long-20s"].duration == 20.0
+    assert np.abs(clips["near-silence"].samples).max() < 1e-3
+
+
+def test_identical_sides_agree_exactly(tiny_model):
+    clips = builtin_suite(long_seconds=20)[::3]
+    side = Side("cpu", "fp32")
+    results, _ = compare(tiny_model, side, side, clips, Decoding(max_new_tokens=8))
+    for result in results:
+        generation, forced = result["generation"], result["teacher_forced"]
+        assert generation["exact_match"] and generation["first_divergence"] is None
+        assert generation["token_match_rate"] == generation["character_similarity"] == 1.0
+        assert (forced["kl_max"], forced["top1_agreement"], forced["perplexity_ratio"]) == (0.0, 1.0, 1.0)
+        assert all(layer["cosine"] == 1.0 and layer["max_abs"] == 0.0 for layer in result["layers"])
+        assert {layer["verdict"] for layer in result["layers"]} == {"pass"}
+
+
+def test_fp32_against_bf16_report_follows_from_its_dump(tiny_model, tmp_path):
+    out = tmp_path / "precision"
+    done = run_acecap("compare", "--model", str(tiny_model), "--ref", "cpu:fp32", "--cand", "cpu:bf16",
+                      "--max-new-tokens", "12", "--save-logits", "-o", str(out))  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    assert "verdict: " in done.stderr and "(cpu:bf16 against cpu:fp32)" in done.stderr
+    document = json.loads((out / "precision_results.json").read_text())
+    logits = np.load(out / "logits.npz")
+    assert len(document["clips"]) == 8
+    kls = []
+    for i, clip in enumerate(document["clips"]):
+        ref_ids, cand_ids = clip["generation"]["reference_ids"], clip["generation"]["candidate_ids"]
+        ref, cand = logits[f"{i}.reference"].astype(np.float64), logits[f"{i}.candidate"].astype(np.float64)
+        assert ref.shape == cand.shape == (len(ref_ids), ref.shape[1])
+        # Recomputed here with numpy: log-softmax, KL(ref || cand), top-1, perplexity on the reference's tokens.
+        log_ref, log_cand = log_softmax(ref), log_softmax(cand)
+        kl = np.maximum((np.exp(log_ref) * (log_ref - log_cand)).sum(1), 0.0)
+        forced = clip["teacher_forced"]
+        assert forced["kl_per_step"] == pytest.approx(kl.tolist(), rel=1e-6, abs=1e-12)
+        assert forced["kl_max"] == pytest.approx(kl.max(), rel=1e-6)
+        assert forced["top1_agreement"] == pytest.approx(np.mean(ref.argmax(1) == cand.argmax(1)))
+        rows = np.arange(len(ref_ids))
+        ratio = np.exp(-log_cand[rows, ref_ids].mean() + log_ref[rows, ref_ids].mean())
+        assert forced["perplexity_ratio"] == pytest.approx(ratio, rel=1e-9)
+        # The reference's logits, fed its own tokens, pick those tokens again (greedy): positions line up.
+        assert ref.argmax(1).tolist() == ref_ids
+        same = sum(a == b for a, b in zip(ref_ids, cand_ids, strict=False))
+        assert clip["generation"]["token_match_rate"] == same / len(ref_ids)
+        assert clip["generation"]["exact_match"] == (ref_ids == cand_ids)
+        kls.append(kl.max())
+        cosines = [layer["cosine"] for layer in clip["layers"]]
+        assert all(0.99 < c < 1.0 for c in cosines)  # bf16: close, never identical
+    assert min(kls) > 0  # non-trivial: bf16 moves every clip's distributions
+    report = (out / "report.md").read_text()
+    assert document["summary"] in report and "| encoder.0 |" in report and "| llm.0 |" in report
+    for plot in ("layer_cosine.png", "kl_per_step.png"):
+        with Image.open(out / plot) as image:
+            assert image.size[0] > 500 and image.size[1] > 300
+
+
+def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
+    files = [str(audio_dir / "tone.wav"), str(audio_dir / "stereo24.wav")]
+    for name, dtype in (("fp32", "fp32"), ("bf16", "bf16")):
+        done = run_acecap("caption", *files, "--model", str(tiny_model), "--device", "cpu", "--dtype", dtype,
+                          "--max-new-tokens", "12", "-f", "jsonl", "-o", str(tmp_path / name))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    reference, candidate = tmp_path / "fp32" / "caption.jsonl", tmp_path / "bf16" / "caption.jsonl"
+    out = tmp_path / "report"
+    done = run_acecap("compare", str(reference), str(candidate), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    document = json.loads((out / "precision_results.json").read_text())
+    texts = {json.loads(line)["source"]: json.loads(line)["text"] for line in reference.read_text().splitlines()}
+    others = {json.loads(line)["source"]: json.loads(line)["text"] for line in candidate.read_text().splitlines()}
+    assert [clip["clip"] for clip in document["clips"]] == ["tone.wav (caption)", "stereo24.wav (caption)"]
+    for clip, source in zip(document["clips"], files, strict=True):
+        generation = clip["generation"]
+        assert (generation["reference_text"], generation["candidate_text"]) == (texts[source], others[source])
+        assert generation["exact_match"] == (texts[source] == others[source])
+        assert generation["word_similarity"] == word_similarity(texts[source], others[source])
+    assert "files captioned identically" in done.stderr
+    mismatched = run_acecap("compare", str(reference), "-o", str(out))
+    assert mismatched.returncode == 2 and "exactly two result files" in mismatched.stderr
