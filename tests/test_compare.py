@@ -10,7 +10,7 @@ from PIL import Image
 
 from acecap import Decoding
 from acecap.compare import Side, builtin_suite, compare, parse_side
-from acecap.fidelity import word_similarity
+from acecap.fidelity import semantic_similarities, word_similarity
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,6 +43,7 @@ def test_identical_sides_agree_exactly(tiny_model):
         generation, forced = result["generation"], result["teacher_forced"]
         assert generation["exact_match"] and generation["first_divergence"] is None
         assert generation["token_match_rate"] == generation["character_similarity"] == 1.0
+        assert generation["semantic_similarity"] == 1.0
         assert (forced["kl_max"], forced["top1_agreement"], forced["perplexity_ratio"]) == (0.0, 1.0, 1.0)
         assert all(layer["cosine"] == 1.0 and layer["max_abs"] == 0.0 for layer in result["layers"])
         assert {layer["verdict"] for layer in result["layers"]} == {"pass"}
@@ -107,6 +108,8 @@ def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
         assert (generation["reference_text"], generation["candidate_text"]) == (texts[source], others[source])
         assert generation["exact_match"] == (texts[source] == others[source])
         assert generation["word_similarity"] == word_similarity(texts[source], others[source])
+        [semantic] = semantic_similarities([(texts[source], others[source])])
+        assert generation["semantic_similarity"] == pytest.approx(semantic, abs=1e-6)
     assert "files captioned identically" in done.stderr
     mismatched = run_acecap("compare", str(reference), "-o", str(out))
     assert mismatched.returncode == 2 and "exactly two result files" in mismatched.stderr

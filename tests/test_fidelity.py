@@ -10,6 +10,7 @@ from acecap.fidelity import (
     first_divergence,
     first_failing,
     layer_fidelity,
+    semantic_similarities,
     teacher_forced,
     token_match_rate,
     word_similarity,
@@ -70,3 +71,14 @@ def test_layer_verdicts():
     layers = [same, off, flipped]
     assert first_failing(layers) == "flipped"
     assert first_failing([same, off]) is None
+
+
+def test_semantic_similarity_ranks_meaning():
+    similar = ("a bright acoustic ballad with piano", "a dark acoustic ballad with piano")
+    unrelated = ("heavy metal with distorted guitars", "a calm piano lullaby")
+    same = ("upbeat synth pop", "upbeat synth pop")
+    scores = semantic_similarities([similar, unrelated, same])
+    assert scores is not None, "the test extra installs the semantic model"
+    assert scores[2] == 1.0
+    assert 0.8 < scores[0] < 1.0
+    assert scores[1] < 0.5 < scores[0]

@@ -24,6 +24,7 @@ from .fidelity import (
     first_divergence,
     first_failing,
     layer_fidelity,
+    semantic_similarities,
     teacher_forced,
     token_match_rate,
     word_similarity,
@@ -207,7 +208,16 @@ def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding
         cand = run_side(captioner, clip, decoding, ref.tokens)
         runs[clip.source] = (ref, cand)
         results.append({"clip": clip.source, "seconds": clip.duration, **clip_metrics(ref, cand, half)})
+    add_semantic(results)
     return results, runs
+
+
+def add_semantic(results: list[dict]) -> None:
+    """Each clip's `semantic_similarity` of the two texts, None without the `semantic` extra."""
+    pairs = [(r["generation"]["reference_text"], r["generation"]["candidate_text"]) for r in results]
+    similarities = semantic_similarities(pairs) or [None] * len(results)
+    for result, similarity in zip(results, similarities, strict=True):
+        result["generation"]["semantic_similarity"] = similarity
 
 
 def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption", hub: str = "auto") -> None:
@@ -250,7 +260,7 @@ def compare_results(reference: Path, candidate: Path) -> list[dict]:
     shared = [name for name in ref if name in cand]
     if not shared:
         raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
-    return [
+    results = [
         {
             "clip": name,
             "generation": {
@@ -263,3 +273,5 @@ def compare_results(reference: Path, candidate: Path) -> list[dict]:
         }
         for name in shared
     ]
+    add_semantic(results)
+    return results

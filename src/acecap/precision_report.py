@@ -47,15 +47,15 @@ def write_report(results: list[dict], reference, candidate, runs: dict, output_d
 def _markdown(results: list[dict], line: str) -> str:
     rows = [f"# Precision: {line}", "", "## Generation (generated tokens only)", "",
             "| clip | identical | token match | first divergence (step: ref → cand, each in the other's top 5) "
-            "| character similarity | word similarity | tokens ref / cand |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            "| character similarity | word similarity | semantic similarity | tokens ref / cand |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         g, d = r["generation"], r["generation"]["first_divergence"]
         where = "—" if d is None else f"{d['step']}: {d['reference_token']} → {d['candidate_token']}"
         if d and "candidate_token_in_reference_top5" in d:
             where += f" ({d['candidate_token_in_reference_top5']}, {d['reference_token_in_candidate_top5']})"
         rows.append(f"| {r['clip']} | {g['exact_match']} | {g['token_match_rate']:.1%} | {where} | "
-                    f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | "
+                    f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | {_semantic(g)} | "
                     f"{g['reference_tokens']} / {g['candidate_tokens']} |")  # fmt: skip
     rows += ["", "## Teacher-forced on the reference's tokens", "",
              "| clip | top-1 agreement | KL mean / p99 / max (nats) | perplexity ratio (cand / ref) |",
@@ -77,6 +77,11 @@ def _markdown(results: list[dict], line: str) -> str:
         rows += [f"**{r['clip']}**", "", f"- reference: {r['generation']['reference_text']}",
                  f"- candidate: {r['generation']['candidate_text']}", ""]  # fmt: skip
     return "\n".join(rows)
+
+
+def _semantic(generation: dict) -> str:
+    value = generation["semantic_similarity"]
+    return "— (pip install acecap[semantic])" if value is None else f"{value:.3f}"
 
 
 def _plots(results: list[dict], output_dir: Path) -> None:
@@ -118,10 +123,11 @@ def write_text_report(results: list[dict], reference: Path, candidate: Path, out
                 "summary": line, "clips": results}  # fmt: skip
     (output_dir / "precision_results.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     rows = [f"# Precision: {line}", "", "Saved runs hold texts, not tokens or logits: text-level metrics only.", "",
-            "| file | identical | character similarity | word similarity |", "| --- | --- | --- | --- |"]  # fmt: skip
+            "| file | identical | character similarity | word similarity | semantic similarity |",
+            "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         g = r["generation"]
-        similarity = f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f}"
+        similarity = f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | {_semantic(g)}"
         rows.append(f"| {r['clip']} | {g['exact_match']} | {similarity} |")
     rows += ["", "## Captions", ""]
     for r in results:
