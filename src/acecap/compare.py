@@ -198,8 +198,10 @@ def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding
     """Both sides over the clips, one loaded at a time: each clip's metrics, and the runs themselves."""
     captioner = _load(model, reference, task, hub)
     references = {clip.source: run_side(captioner, clip, decoding, None) for clip in clips}
+    device = captioner.device
     del captioner
     gc.collect()
+    devices.empty_cache(device)  # the candidate may load onto the same card
     captioner = _load(model, candidate, task, hub)
     half = candidate.dtype in HALF or (candidate.dtype == "auto" and captioner.dtype != torch.float32)
     runs, results = {}, []
