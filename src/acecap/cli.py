@@ -17,6 +17,8 @@ examples:
   acecap caption *.flac -o labels -f txt        also write labels/<name>.caption.txt
   acecap caption song.wav --task lyrics         lyrics with ACE-Step/acestep-transcriber
   acecap caption song.wav --model ./my-model    a local checkpoint folder
+  acecap annotate songs/ -o labels              a whole folder, resumable (acecap annotate -h)
+  acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
 
