@@ -29,10 +29,11 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
         raise ValueError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
     if decoder == "graphs" and device.type != "cuda":
         raise ValueError(f"--decoder graphs needs a CUDA device, not {device.type}")
-    if decoder == "compiled" and devices.compiler(device) is None:
-        _, reason = devices.choose_compiler(device.type, torchair_installed=False)
-        log.warning("decoding eagerly (static) on %s: %s", device, reason)
-        return "static"
+    if decoder == "compiled":
+        backend, reason = devices.compiler(device)
+        if backend is None:
+            log.warning("decoding eagerly (static) on %s: %s", device, reason)
+            return "static"
     if decoder == "auto":
         return "graphs" if device.type == "cuda" else "static"
     return decoder
@@ -75,7 +76,8 @@ class Decoder:
     its cache slot.
     """
 
-    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int, compile_backend: str | None = None):
+    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int, compile_backend=None):
+        """`compile_backend`: what torch.compile takes as backend (a name, or torchair's function); None: eager."""
         if prompt_lengths != sorted(prompt_lengths):
             raise ValueError("Decoder rows must be sorted by prompt length")
         text = compat.text_model(thinker)
@@ -89,6 +91,7 @@ class Decoder:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.shape = (self.heads, self.kv_heads, self.head_dim)
         self.dtype = self.embed.weight.dtype
         device = self.embed.weight.device
         capacities = [n + new_tokens for n in prompt_lengths]
@@ -107,22 +110,6 @@ class Decoder:
         cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _qkv(self, attention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Projections of (rows, tokens, hidden) to (rows, heads, tokens, head_dim), keys and queries rotated."""
-        rows, tokens, _ = hidden.shape
-        q = attention.q_proj(hidden).view(rows, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = attention.k_proj(hidden).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attention.v_proj(hidden).view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def _block(self, layer, hidden: torch.Tensor, attend) -> torch.Tensor:
-        attention = layer.self_attn
-        out = attend(attention, layer.input_layernorm(hidden))
-        hidden = hidden + attention.o_proj(out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
     def _place(self, row: int) -> tuple[int, int]:
         """(group, row within the group) of a batch row."""
         return next((g, row - start) for g, (start, end) in enumerate(self.groups) if start <= row < end)
@@ -135,16 +122,12 @@ class Decoder:
         cos, sin = self._rope(self.slots[:tokens])
         repeats = self.heads // self.kv_heads
         for i, layer in enumerate(self.layers):
-
-            def attend(attention, hidden, i=i):
-                q, k, v = self._qkv(attention, hidden, cos, sin)
-                self.keys[group][i][local, :, :tokens] = k[0]
-                self.values[group][i][local, :, :tokens] = v[0]
-                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attention.scaling)
-                return out.transpose(1, 2).reshape(1, tokens, -1)
-
-            hidden = self._block(layer, hidden, attend)
+            q, k, v = _qkv(layer, hidden, cos, sin, self.shape)
+            self.keys[group][i][local, :, :tokens] = k[0]
+            self.values[group][i][local, :, :tokens] = v[0]
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
+            hidden = _finish(layer, hidden, out.transpose(1, 2).reshape(1, tokens, -1))
         return self.head(self.norm(hidden[:, -1])).float()[0]
 
     def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -159,10 +142,9 @@ class Decoder:
             capacity = self.keys[g][0].shape[2]
             visible.append((self.slots[None, :capacity] <= lengths[start:end, None])[:, None, None, :])
         hidden = self.embed(tokens)[:, None]
-        shape = (self.heads, self.kv_heads, self.head_dim)
         for i, layer in enumerate(self.layers):
             keys, values = [group[i] for group in self.keys], [group[i] for group in self.values]
-            hidden = self.layer_step(layer, hidden, cos, sin, lengths, keys, values, visible, shape)
+            hidden = self.layer_step(layer, hidden, cos, sin, lengths, keys, values, visible, self.shape)
         return self.head(self.norm(hidden[:, 0])).float()
 
 
@@ -172,15 +154,8 @@ def decode_layer(layer, hidden, cos, sin, lengths, keys, values, visible, shape:
     A plain function of tensors and the checkpoint's modules, so one compiled copy serves every layer and
     group sizes are read off tensor shapes, not burnt in as constants.
     """
-    heads, kv_heads, head_dim = shape
-    attention = layer.self_attn
-    rows = hidden.shape[0]
-    normed = layer.input_layernorm(hidden)
-    q = attention.q_proj(normed).view(rows, 1, heads, head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-    v = attention.v_proj(normed).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    _, kv_heads, head_dim = shape
+    q, k, v = _qkv(layer, hidden, cos, sin, shape)
     outs, start = [], 0
     for group_keys, group_values, group_visible in zip(keys, values, visible, strict=True):
         end = start + group_keys.shape[0]
@@ -189,12 +164,29 @@ def decode_layer(layer, hidden, cos, sin, lengths, keys, values, visible, shape:
         group_values[index, :, lengths[start:end]] = v[start:end, :, 0]
         # Each KV head read once for its group of query heads: no expansion to all heads.
         query = q[start:end].reshape(end - start, kv_heads, -1, head_dim)
-        scores = torch.matmul(query, group_keys.transpose(-1, -2)) * attention.scaling
+        scores = torch.matmul(query, group_keys.transpose(-1, -2)) * layer.self_attn.scaling
         scores = scores.masked_fill(~group_visible, float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(hidden.dtype)
         outs.append(torch.matmul(weights, group_values).reshape(end - start, 1, -1))
         start = end
-    hidden = hidden + attention.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+    return _finish(layer, hidden, torch.cat(outs) if len(outs) > 1 else outs[0])
+
+
+def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int]):
+    """A layer's normed projections of (rows, tokens, hidden) to (rows, heads, tokens, head_dim), q and k rotated."""
+    heads, kv_heads, head_dim = shape
+    attention = layer.self_attn
+    rows, tokens, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    q = attention.q_proj(normed).view(rows, tokens, heads, head_dim).transpose(1, 2)
+    k = attention.k_proj(normed).view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    v = attention.v_proj(normed).view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _finish(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a layer after attention: output projection and residual, then the MLP and residual."""
+    hidden = hidden + layer.self_attn.o_proj(attended)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
@@ -257,7 +249,7 @@ def generate_static(
     rows = len(prompts)
     order = sorted(range(rows), key=lambda r: len(prompts[r]))  # the decoder groups rows of similar length
     prompts, embeds = [prompts[r] for r in order], [embeds[r] for r in order]
-    backend = devices.compiler(device) if decoder == "compiled" else None
+    backend = devices.compiler(device)[0] if decoder == "compiled" else None
     # On CUDA the compiled step is captured too: fused kernels, and no launches left to pay for.
     graphs = decoder == "graphs" or (decoder == "compiled" and device.type == "cuda")
     decoder = Decoder(thinker, [len(p) for p in prompts], decoding.max_new_tokens, backend)

@@ -300,10 +300,10 @@ def choose_compiler(kind: str, torchair_installed: bool) -> tuple[str | None, st
     return None, f"torch.compile has no backend acecap trusts on {kind}"
 
 
-def compiler(device: torch.device):
-    """What to pass torch.compile as backend on this device, or None where decoding stays eager."""
-    name, _ = choose_compiler(device.type, importlib.util.find_spec("torchair") is not None)
-    return _torchair_backend() if name == "torchair" else name
+def compiler(device: torch.device) -> tuple[object, str]:
+    """What to pass torch.compile as backend on this device, or None and why decoding stays eager."""
+    name, reason = choose_compiler(device.type, importlib.util.find_spec("torchair") is not None)
+    return (_torchair_backend() if name == "torchair" else name), reason
 
 
 @functools.cache
