@@ -191,8 +191,9 @@ class Captioner:
             generated = generate(self.thinker, self._features(samples), decoding, self.end_ids, self.pad_id)
         else:
             prompts, embeds = self._prompt_embeddings(samples)
-            ends = (self.end_ids, self.pad_id)
-            generated = generate_static(self.thinker, prompts, embeds, decoding, *ends, decoder=self.decoder)
+            generated = generate_static(
+                self.thinker, prompts, embeds, decoding, self.end_ids, self.pad_id, decoder=self.decoder
+            )
         total_s = devices.now(self.device) - start
         texts = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
         results = []

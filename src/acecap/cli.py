@@ -441,26 +441,25 @@ def compare_command(args: argparse.Namespace) -> int:
     if saved:  # two runs made elsewhere: compare what they saved
         if len(saved) != 2 or len(args.paths) != 2:
             raise ValueError("to compare saved runs give exactly two result files: REFERENCE.json CANDIDATE.json")
-        line = write_text_report(compare_results(*saved), *saved, args.output_dir)
-        print((args.output_dir / "report.md").read_text(), end="")
-        print(line, file=sys.stderr)
-        return 0
-    reference, candidate = parse_side(args.ref), parse_side(args.cand)
-    clips = [] if args.no_suite else builtin_suite()
-    for item in discover(args.paths):
-        try:
-            clips.append(load_audio(item.path))
-        except AudioError as error:
-            _error(f"{item.path}: {error}; left out")
-    if not clips:
-        raise ValueError("nothing to compare: give audio files, or leave out --no-suite")
-    check_both_fit(args.model, reference, candidate, args.task, args.hub)
-    decoding = Decoding(max_new_tokens=args.max_new_tokens)
-    results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
-    line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
+        line, status = write_text_report(compare_results(*saved), *saved, args.output_dir), 0
+    else:
+        reference, candidate = parse_side(args.ref), parse_side(args.cand)
+        clips = [] if args.no_suite else builtin_suite()
+        for item in discover(args.paths):
+            try:
+                clips.append(load_audio(item.path))
+            except AudioError as error:
+                _error(f"{item.path}: {error}; left out")
+        if not clips:
+            raise ValueError("nothing to compare: give audio files, or leave out --no-suite")
+        check_both_fit(args.model, reference, candidate, args.task, args.hub)
+        decoding = Decoding(max_new_tokens=args.max_new_tokens)
+        results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
+        line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
+        status = 1 if verdict(results) == "fail" else 0
     print((args.output_dir / "report.md").read_text(), end="")
     print(line, file=sys.stderr)
-    return 1 if verdict(results) == "fail" else 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,6 @@ from .generate import Decoding
 from .hub import resolve_model
 from .model import TASKS, resident_parameters
 
-HALF = ("bf16", "fp16")
-
 
 @dataclass(frozen=True)
 class Side:
@@ -125,8 +123,9 @@ def run_side(captioner: Captioner, clip: Clip, decoding: Decoding, forced: list[
     samples = clip.samples[: int(DEFAULT_MAX_DURATION * SAMPLE_RATE)]
     with torch.inference_mode():
         prompt, embeds, encoder = _encoder_layers(captioner, samples)
-        ends = (captioner.end_ids, captioner.pad_id)
-        generated = generate_static(captioner.thinker, [prompt], [embeds], decoding, *ends)
+        generated = generate_static(
+            captioner.thinker, [prompt], [embeds], decoding, captioner.end_ids, captioner.pad_id
+        )
         tokens = generated.tokens[0]
         forced = tokens if forced is None else forced
         text_model = compat.text_model(captioner.thinker)
@@ -140,6 +139,17 @@ def run_side(captioner: Captioner, clip: Clip, decoding: Decoding, forced: list[
         layers[f"llm.{i}"] = hidden[0].float().cpu()
     text = captioner.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return SideRun(tokens=tokens, text=text, logits=logits, layers=layers)
+
+
+def text_metrics(reference: str, candidate: str) -> dict:
+    """What two texts alone can show: exact match and character and word similarity, with both texts."""
+    return {
+        "exact_match": reference == candidate,
+        "character_similarity": character_similarity(reference, candidate),
+        "word_similarity": word_similarity(reference, candidate),
+        "reference_text": reference,
+        "candidate_text": candidate,
+    }
 
 
 def clip_metrics(reference: SideRun, candidate: SideRun, half_precision: bool) -> dict:
@@ -164,17 +174,14 @@ def clip_metrics(reference: SideRun, candidate: SideRun, half_precision: bool) -
               for name in reference.layers]  # fmt: skip
     return {
         "generation": {
+            **text_metrics(reference.text, candidate.text),
             "exact_match": ref == cand,
             "token_match_rate": token_match_rate(ref, cand),
             "first_divergence": divergence,
-            "character_similarity": character_similarity(reference.text, candidate.text),
-            "word_similarity": word_similarity(reference.text, candidate.text),
             "reference_tokens": len(ref),
             "candidate_tokens": len(cand),
             "reference_ids": ref,
             "candidate_ids": cand,
-            "reference_text": reference.text,
-            "candidate_text": candidate.text,
         },
         "teacher_forced": {
             "top1_agreement": forced.top1_agreement,
@@ -203,7 +210,7 @@ def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding
     gc.collect()
     devices.empty_cache(device)  # the candidate may load onto the same card
     captioner = _load(model, candidate, task, hub)
-    half = candidate.dtype in HALF or (candidate.dtype == "auto" and captioner.dtype != torch.float32)
+    half = captioner.dtype in (torch.bfloat16, torch.float16)
     runs, results = {}, []
     for clip in clips:
         ref = references[clip.source]
@@ -224,12 +231,12 @@ def add_semantic(results: list[dict]) -> None:
 
 def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption", hub: str = "auto") -> None:
     """Refuse before any work when either side's weights cannot fit its device (the two load in turn)."""
-    folder = resolve_model(str(model or TASKS[task].model_id), hub)
+    parameters = resident_parameters(resolve_model(str(model or TASKS[task].model_id), hub))
     for side in (reference, candidate):
         device = devices.resolve_device(side.device)
         dtype = devices.resolve_dtype(side.dtype, device)
         try:
-            devices.check_fits(resident_parameters(folder) * dtype.itemsize, device, dtype)
+            devices.check_fits(parameters * dtype.itemsize, device, dtype)
         except devices.DeviceError as error:
             raise devices.DeviceError(
                 f"{side}: {error}. Compare against results saved elsewhere (acecap compare A.json B.json), "
@@ -262,18 +269,6 @@ def compare_results(reference: Path, candidate: Path) -> list[dict]:
     shared = [name for name in ref if name in cand]
     if not shared:
         raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
-    results = [
-        {
-            "clip": name,
-            "generation": {
-                "exact_match": ref[name]["text"] == cand[name]["text"],
-                "character_similarity": character_similarity(ref[name]["text"], cand[name]["text"]),
-                "word_similarity": word_similarity(ref[name]["text"], cand[name]["text"]),
-                "reference_text": ref[name]["text"],
-                "candidate_text": cand[name]["text"],
-            },
-        }
-        for name in shared
-    ]
+    results = [{"clip": name, "generation": text_metrics(ref[name]["text"], cand[name]["text"])} for name in shared]
     add_semantic(results)
     return results

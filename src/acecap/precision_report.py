@@ -72,11 +72,16 @@ def _markdown(results: list[dict], line: str) -> str:
         rows.append(f"| {layer['name']} | {min(w['cosine'] for w in worst):.6f} | "
                     f"{max(w['max_abs'] for w in worst):.2e} | {max(w['max_relative'] for w in worst):.2e} | "
                     f"{VERDICTS[rank]} |")  # fmt: skip
-    rows += ["", "## Captions", ""]
+    rows += _captions(results)
+    return "\n".join(rows)
+
+
+def _captions(results: list[dict]) -> list[str]:
+    rows = ["", "## Captions", ""]
     for r in results:
         rows += [f"**{r['clip']}**", "", f"- reference: {r['generation']['reference_text']}",
                  f"- candidate: {r['generation']['candidate_text']}", ""]  # fmt: skip
-    return "\n".join(rows)
+    return rows
 
 
 def _semantic(generation: dict) -> str:
@@ -129,9 +134,6 @@ def write_text_report(results: list[dict], reference: Path, candidate: Path, out
         g = r["generation"]
         similarity = f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | {_semantic(g)}"
         rows.append(f"| {r['clip']} | {g['exact_match']} | {similarity} |")
-    rows += ["", "## Captions", ""]
-    for r in results:
-        rows += [f"**{r['clip']}**", "", f"- reference: {r['generation']['reference_text']}",
-                 f"- candidate: {r['generation']['candidate_text']}", ""]  # fmt: skip
+    rows += _captions(results)
     (output_dir / "report.md").write_text("\n".join(rows) + "\n")
     return line
