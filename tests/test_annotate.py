@@ -232,7 +232,7 @@ OUT_OF_MEMORY_RUN = """
 import json, resource, sys
 import numpy as np
 from acecap import Captioner, Decoding
-from acecap.annotate import _caption_splitting
+from acecap.batching import caption_splitting
 from acecap.audio import to_clip
 
 def vm(key):
@@ -249,7 +249,7 @@ captioner.caption_clips(clips, decoding)
 sixteen = vm("VmPeak") - before
 # Half of what the batch of sixteen took: it fails, and after splitting the clips fit.
 resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + sixteen // 2, resource.RLIM_INFINITY))
-results = _caption_splitting(captioner, clips, decoding, 300.0)
+results = caption_splitting(captioner, clips, decoding, 300.0)
 print(json.dumps({"alone": alone, "split": [r if isinstance(r, str) else r.text for r in results],
                   "one": one, "sixteen": sixteen}))
 """
@@ -271,13 +271,13 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
 
 
 def test_batches_follow_length_and_bound_padding_and_memory():
-    from acecap.annotate import BatchLimits, _batches
     from acecap.audio import Clip
+    from acecap.batching import BatchLimits, batches
 
     clips = [Clip(np.zeros(int(seconds * 16000), dtype=np.float32), str(seconds)) for seconds in (9, 1, 2, 1.1, 30, 8)]
 
     def sources(limits):
-        return [[c.source for c in batch] for batch in _batches(clips, 300.0, limits)]
+        return [[c.source for c in batch] for batch in batches(clips, 300.0, limits)]
 
     assert sources(BatchLimits(clips=3, padding=0.25)) == [["1", "1.1"], ["2"], ["8", "9"], ["30"]]
     assert sources(BatchLimits(clips=1, padding=0.25)) == [["1"], ["1.1"], ["2"], ["8"], ["9"], ["30"]]

@@ -110,3 +110,15 @@ def test_audio_encoder_rows_do_not_depend_on_the_batch(captioner):
         places = f["input_ids"][0] == captioner.audio_id
         assert int(places.sum()) == len(rows)
         torch.testing.assert_close(clip_embeds[places], rows, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["static", "transformers"])
+def test_on_step_streams_each_rows_tokens(tiny_model, decoder):
+    captioner = Captioner.from_pretrained(tiny_model, device="cpu", decoder=decoder)
+    clips = [to_clip(sawtooth(seconds), 16000) for seconds in (1, 3)]
+    steps = []
+    results = captioner.caption_clips(clips, Decoding(max_new_tokens=6), on_step=steps.append)
+    assert all(len(step) == 2 for step in steps) and len(steps) == max(r.tokens for r in results)
+    for row, result in enumerate(results):
+        streamed = [step[row] for step in steps][: result.tokens]
+        assert captioner.processor.tokenizer.decode(streamed, skip_special_tokens=True).strip() == result.text

@@ -23,8 +23,7 @@ import numpy as np
 
 from . import devices
 from .audio import AudioError, Clip, load_audio
-from .captioner import AUDIO_TOKENS_PER_SECOND
-from .decode import cache_bytes_per_token
+from .batching import batch_limits, batches, caption_splitting
 from .devices import dtype_name
 from .generate import Decoding
 from .inputs import Item, discover, in_shard
@@ -147,73 +146,6 @@ def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
     yield from iter(ready.get, None)
 
 
-def _caption_splitting(captioner, clips: list[Clip], decoding: Decoding, max_duration: float) -> list:
-    """Caption a batch: a Result per clip, or the reason it failed. Out of memory halves the batch and retries."""
-    from . import devices
-
-    try:
-        return captioner.caption_clips(clips, decoding, max_duration=max_duration)
-    except Exception as error:
-        if not devices.is_out_of_memory(error):
-            # Not the input's fault, but only this batch's files fail: the device goes on with the rest.
-            log.exception("a batch of %d failed on %s", len(clips), captioner.device)
-            return [f"{type(error).__name__}: {error}"] * len(clips)
-    # Retry outside the except block: the exception's traceback holds the failed batch's tensors.
-    devices.empty_cache(captioner.device)
-    if len(clips) == 1:
-        return [f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"]
-    log.warning("out of memory on a batch of %d; retrying in halves", len(clips))
-    half = len(clips) // 2
-    return _caption_splitting(captioner, clips[:half], decoding, max_duration) + _caption_splitting(
-        captioner, clips[half:], decoding, max_duration
-    )
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """What bounds a batch: its clips, its padding (transformers' generate() pads every clip to the
-    longest, and padded positions cost as much as real ones) and the KV cache it needs."""
-
-    clips: int
-    padding: float | None = None  # largest share of padding; None: any (each clip is prefilled unpadded)
-    cache_bytes: int | None = None  # KV cache the batch may take; None: no bound
-    clip_bytes: int = 0  # KV cache of a clip's prompt and new tokens, its audio aside
-    second_bytes: int = 0  # KV cache of one second of audio
-
-
-def _batches(clips: list[Clip], max_duration: float, limits: BatchLimits) -> Iterator[list[Clip]]:
-    """Clips in order of length, cut into batches within `limits`."""
-    batch: list[Clip] = []
-    for clip in sorted(clips, key=lambda c: c.duration):
-        candidate = batch + [clip]
-        seconds = [min(c.duration, max_duration) for c in candidate]
-        over = len(candidate) > limits.clips
-        if limits.padding is not None:
-            over |= len(candidate) * seconds[-1] > (1 + limits.padding) * sum(seconds)
-        if limits.cache_bytes is not None:
-            over |= len(candidate) * limits.clip_bytes + sum(seconds) * limits.second_bytes > limits.cache_bytes
-        if batch and over:
-            yield batch
-            candidate = [clip]
-        batch = candidate
-    if batch:
-        yield batch
-
-
-def batch_limits(captioner, decoding: Decoding, batch_size: int | None) -> BatchLimits:
-    """At most `batch_size` clips (default 64 on an accelerator, 32 on a CPU, where larger batches gained
-    little), within half the device's free memory for the KV cache."""
-    per_token = cache_bytes_per_token(captioner.thinker)
-    memory = devices.memory_info(captioner.device)
-    return BatchLimits(
-        clips=batch_size or (32 if captioner.device.type == "cpu" else 64),
-        padding=0.25 if captioner.decoder == "transformers" else None,
-        cache_bytes=memory[0] // 2 if memory else None,
-        clip_bytes=(captioner.prompt_tokens + decoding.max_new_tokens) * per_token,
-        second_bytes=AUDIO_TOKENS_PER_SECOND * per_token,
-    )
-
-
 class _Worker:
     """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
 
@@ -271,8 +203,8 @@ class _Worker:
 
     def _whole(self, good: list[Decoded]) -> None:
         by_clip = {id(d.clip): d for d in good}
-        for batch in _batches([d.clip for d in good], self.max_duration, self.limits):
-            results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
+        for batch in batches([d.clip for d in good], self.max_duration, self.limits):
+            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             batch_records = []
             for clip, result in zip(batch, results, strict=True):
                 decoded = by_clip[id(clip)]
@@ -303,8 +235,8 @@ class _Worker:
         by_clip = {id(w[2]): w for w in windows}
         texts: dict[int, list[dict]] = {id(d): [] for d in good}
         errors: dict[int, str] = {}
-        for batch in _batches([w[2] for w in windows], self.max_duration, self.limits):
-            results = _caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
+        for batch in batches([w[2] for w in windows], self.max_duration, self.limits):
+            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             for clip, result in zip(batch, results, strict=True):
                 decoded, start, _ = by_clip[id(clip)]
                 if isinstance(result, str):

@@ -8,6 +8,7 @@ model card's pipeline, so features match it.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,22 +33,27 @@ class Clip:
         return len(self.samples) / SAMPLE_RATE
 
 
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
+def _opened(source: Path | bytes):
+    """What soundfile and PyAV open: a path, or a fresh in-memory file over the bytes."""
+    return io.BytesIO(source) if isinstance(source, bytes) else str(source)
+
+
+def _read_soundfile(source: Path | bytes) -> tuple[np.ndarray, int] | None:
     """(frames × channels, rate) via libsndfile, or None if it does not know the format."""
     import soundfile
 
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(_opened(source), dtype="float32", always_2d=True)
     except soundfile.LibsndfileError:
         return None
     return data, rate
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _read_pyav(source: Path | bytes) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(_opened(source)) as container:
             if not container.streams.audio:
                 raise AudioError("no audio stream in the file")
             stream = container.streams.audio[0]
@@ -108,3 +114,11 @@ def load_audio(path: str | Path) -> Clip:
         raise AudioError("empty file (0 bytes)")
     decoded = _read_soundfile(path) or _read_pyav(path)
     return to_clip(*decoded, source=str(path))
+
+
+def decode_audio(data: bytes, source: str = "<bytes>") -> Clip:
+    """Decode a whole audio file held in memory (an upload); the format is read from the data itself."""
+    if not data:
+        raise AudioError("empty audio (0 bytes)")
+    decoded = _read_soundfile(data) or _read_pyav(data)
+    return to_clip(*decoded, source=source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Result:
     source: str
     text: str
     tokens: int  # generated tokens, the end token included
+    prompt_tokens: int  # the chat text's tokens with the audio's, as the model read them
     finished: bool  # False when max_new_tokens cut the text
     duration: float  # seconds of audio in the input
     truncated: bool  # True when only the first `max_duration` seconds were captioned
@@ -171,9 +173,19 @@ class Captioner:
         *,
         max_duration: float = DEFAULT_MAX_DURATION,
         audio_s: list[float] | None = None,
+        prompts: list[str] | None = None,
+        on_step: Callable[[list[int]], None] | None = None,
     ) -> list[Result]:
-        """Caption decoded clips as one batch (left-padded, features padded to the longest clip)."""
+        """Caption decoded clips as one batch (left-padded, features padded to the longest clip).
+
+        `prompts`: one per clip instead of the captioner's own. `on_step`: called after every decoding
+        step with each clip's new token (rows that have ended get the pad token), for streaming.
+        """
         decoding = decoding or Decoding()
+        prompts = prompts or [self.prompt] * len(clips)
+        if len(prompts) != len(clips):
+            raise ValueError(f"{len(prompts)} prompts for {len(clips)} clips")
+        texts = [self.chat_text if p == self.prompt else render_prompt(self.processor, p) for p in prompts]
         limit = self.max_duration_limit(decoding)
         if not 0 < max_duration <= limit:
             raise ValueError(
@@ -188,14 +200,17 @@ class Captioner:
                 log.warning("%s: %.1f s long; captioning the first %g s", clip.source, clip.duration, max_duration)
         start = devices.now(self.device)
         if self.decoder == "transformers":
-            generated = generate(self.thinker, self._features(samples), decoding, self.end_ids, self.pad_id)
+            inputs = self._features(samples, texts)
+            prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+            generated = generate(self.thinker, inputs, decoding, self.end_ids, self.pad_id, on_step)
         else:
-            prompts, embeds = self._prompt_embeddings(samples)
+            ids, embeds = self._prompt_embeddings(samples, texts)
+            prompt_tokens = [len(row) for row in ids]
             generated = generate_static(
-                self.thinker, prompts, embeds, decoding, self.end_ids, self.pad_id, decoder=self.decoder
+                self.thinker, ids, embeds, decoding, self.end_ids, self.pad_id, self.decoder, on_step
             )
         total_s = devices.now(self.device) - start
-        texts = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
+        answers = self.processor.tokenizer.batch_decode(generated.tokens, skip_special_tokens=True)
         results = []
         for i, clip in enumerate(clips):
             timings = Timings(
@@ -208,14 +223,15 @@ class Captioner:
             results.append(
                 Result(
                     source=clip.source,
-                    text=texts[i].strip(),
+                    text=answers[i].strip(),
                     tokens=len(generated.tokens[i]),
+                    prompt_tokens=int(prompt_tokens[i]),
                     finished=generated.finished[i],
                     duration=clip.duration,
                     truncated=clip.duration > max_duration,
                     captioned_seconds=len(samples[i]) / SAMPLE_RATE,
                     task=self.task,
-                    prompt=self.prompt,
+                    prompt=prompts[i],
                     model=self.model_name,
                     device=str(self.device),
                     dtype=devices.dtype_name(self.dtype),
@@ -224,13 +240,16 @@ class Captioner:
             )
         return results
 
-    def _prompt_embeddings(self, samples: list[np.ndarray]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _prompt_embeddings(
+        self, samples: list[np.ndarray], texts: list[str] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each clip's token ids and input embeddings, the audio encoder's output merged in.
 
         Features are computed clip by clip (a batch padded to its longest clip repeats the STFT over
         silence), then the encoder runs once over the batch, which reads only each clip's own frames.
         """
-        rows = [self._features([clip]) for clip in samples]
+        texts = texts or [self.chat_text] * len(samples)
+        rows = [self._features([clip], [text]) for clip, text in zip(samples, texts, strict=True)]
         frames = max(row["input_features"].shape[-1] for row in rows)
 
         def padded(key: str) -> torch.Tensor:  # features and their mask share the frame axis
@@ -251,12 +270,13 @@ class Captioner:
                 used += count
         return prompts, embeds
 
-    def _features(self, samples: list[np.ndarray]) -> dict:
+    def _features(self, samples: list[np.ndarray], texts: list[str] | None = None) -> dict:
+        """The processor's inputs for clips with their chat texts (default: the captioner's prompt)."""
         longest = max(len(s) for s in samples)
         # A fresh dict per call: transformers 4.57 empties the audio_kwargs it is given.
         audio_kwargs = {"sampling_rate": SAMPLE_RATE, "max_length": longest + FEATURE_MARGIN, "truncation": True}
         inputs = self.processor(
-            text=[self.chat_text] * len(samples),
+            text=texts or [self.chat_text] * len(samples),
             audio=samples,
             padding=True,
             return_tensors="pt",

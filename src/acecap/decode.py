@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -242,12 +243,17 @@ def generate_static(
     end_ids: list[int],
     pad_id: int,
     decoder: str = "static",
+    on_step: Callable[[list[int]], None] | None = None,
 ) -> Generated:
-    """Generate for a batch of prompts (token ids and their embeddings, audio merged in), one row each."""
+    """Generate for a batch of prompts (token ids and their embeddings, audio merged in), one row each.
+
+    `on_step` gets each row's new token after every step, in the caller's row order.
+    """
     device = thinker.device
     start = devices.now(device)
     rows = len(prompts)
     order = sorted(range(rows), key=lambda r: len(prompts[r]))  # the decoder groups rows of similar length
+    position = [order.index(r) for r in range(rows)]  # where each caller's row sits in the decoder
     prompts, embeds = [prompts[r] for r in order], [embeds[r] for r in order]
     backend = devices.compiler(device)[0] if decoder == "compiled" else None
     # On CUDA the compiled step is captured too: fused kernels, and no launches left to pay for.
@@ -278,6 +284,9 @@ def generate_static(
             tokens = pick(logits, decoding, seen, generator)
             tokens = torch.where(done, pad_id, tokens)
             out.append(tokens)
+            if on_step is not None:
+                picked = tokens.tolist()
+                on_step([picked[p] for p in position])
             done |= torch.isin(tokens, ends)
             if n == decoding.max_new_tokens - 1 or bool(done.all()):
                 break
@@ -291,7 +300,7 @@ def generate_static(
         end = devices.now(device)
     table = torch.stack(out, dim=1).tolist()
     tokens, finished = [], []
-    for row in [table[order.index(r)] for r in range(rows)]:
+    for row in [table[p] for p in position]:
         stop = next((i for i, token in enumerate(row) if token in end_ids), None)
         finished.append(stop is not None)
         tokens.append(row if stop is None else row[: stop + 1])

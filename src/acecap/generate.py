@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from . import devices
 
@@ -62,7 +64,31 @@ class _FirstTokenClock(LogitsProcessor):
         return scores
 
 
-def generate(model, inputs: dict, decoding: Decoding, end_ids: list[int], pad_id: int) -> Generated:
+class _StepStreamer(BaseStreamer):
+    """Hands each step's new tokens (one per row, pad where a row has ended) to a callback."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]):
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() puts the prompt first
+            self.prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def generate(
+    model,
+    inputs: dict,
+    decoding: Decoding,
+    end_ids: list[int],
+    pad_id: int,
+    on_step: Callable[[list[int]], None] | None = None,
+) -> Generated:
     """Run the thinker's generate on one prepared batch (left-padded) and cut each row at its end token."""
     device = model.device
     clock = _FirstTokenClock(device)
@@ -80,6 +106,8 @@ def generate(model, inputs: dict, decoding: Decoding, end_ids: list[int], pad_id
             torch.manual_seed(decoding.seed)
     if decoding.ignore_eos:
         options["min_new_tokens"] = decoding.max_new_tokens
+    if on_step is not None:
+        options["streamer"] = _StepStreamer(on_step)
     prompt_length = inputs["input_ids"].shape[1]
     start = devices.now(device)
     with torch.inference_mode():
