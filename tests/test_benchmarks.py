@@ -46,3 +46,20 @@ def test_encoder_benchmark_runs_and_agrees_with_the_library(tmp_path):
         assert case["max_difference"] < 1e-4
         assert case["speedup"] == pytest.approx(case["transformers_s"] / case["acecap_s"])
     assert f"{report['cases'][1]['speedup']:.1f}×" in (tmp_path / f"encoder-{transformers.__version__}.md").read_text()
+
+
+def test_serve_load_benchmark_answers_every_request_once_and_computes_its_rates(tmp_path):
+    bench = load_program("serve_load")
+    args = ["--shape", "tiny", "--clients", "6", "--duration", "2", "--seconds", "1", "--tokens", "4"]
+    report = bench.main([*args, "--max-batch-size", "4", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "serve_load.json").read_text())
+    for run in report["runs"]:
+        assert run["each_answered_once"] and run["server_counted"] == run["sent"] == run["answered"]
+        assert run["ok"] == run["sent"] >= 6 and run["errors"] == 0
+        assert run["requests_per_s"] == pytest.approx(run["ok"] / run["wall_s"])
+        assert run["completion_tokens"] == 4 * run["ok"]
+        assert run["output_tokens_per_s"] == pytest.approx(run["completion_tokens"] / run["wall_s"])
+        assert run["latency_p50_s"] <= run["latency_p99_s"] <= run["wall_s"]
+    on, off = report["runs"]
+    assert report["gain"] == pytest.approx(on["requests_per_s"] / off["requests_per_s"])
+    assert f"{report['gain']:.2f}×" in (tmp_path / "serve_load.md").read_text()

@@ -19,6 +19,7 @@ examples:
   acecap caption song.wav --model ./my-model    a local checkpoint folder
   acecap annotate songs/ -o labels              a whole folder, resumable (acecap annotate -h)
   acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
+  acecap serve --device npu:0 --api-key $KEY    an OpenAI-compatible service on :8000 (acecap serve -h)
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
 
@@ -203,6 +204,66 @@ def build_parser() -> argparse.ArgumentParser:
                          help="report folder (default precision)")  # fmt: skip
     _model_options(compare, device=False)
 
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible captioning service that batches concurrent requests",
+        description="Serve POST /v1/chat/completions (audio as input_audio base64 or audio_url), "
+        "GET /v1/models, /health and /metrics (Prometheus). Requests arriving together are captioned as one "
+        "batch. Text parts of the request replace the task's prompt; greedy unless temperature is given.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EXAMPLES,
+    )  # fmt: skip
+    _model_options(serve)
+    group = serve.add_argument_group("service")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("ACECAP_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $ACECAP_API_KEY; none)",
+    )
+    group.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="most requests captioned together (default 64 on npu/cuda, 32 on cpu; 1 turns "
+        "batching off); batches also stay within half the free device memory",
+    )
+    group.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long an idle device waits for more requests to join the first (default 10)",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for the device; more get 503 with Retry-After (default 256)",
+    )
+    group.add_argument("--max-body-mb", type=float, default=100.0, help="largest request body (default 100 MiB)")
+    group.add_argument(
+        "--max-duration",
+        type=float,
+        default=300.0,
+        help="longest audio in seconds; longer gets 413 (default 300, the model's design)",
+    )
+    group.add_argument(
+        "--max-new-tokens", type=int, default=512, help="default and largest max_tokens of a request (default 512)"
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds from a request's arrival to its last token; then 504 (default 600)",
+    )
+    group.add_argument(
+        "--allow-files",
+        type=Path,
+        metavar="DIR",
+        help="let audio_url name file:// paths inside DIR (symlinks and .. resolved first); off by default",
+    )
+    group.add_argument("--allow-urls", action="store_true",
+                       help="let audio_url name http(s) URLs the server fetches (off by default: the server "
+                       "would fetch whatever a client names)")  # fmt: skip
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -229,6 +290,16 @@ examples:
   acecap compare --ref cpu:fp32 --cand cpu:bf16 songs/     what bf16 costs, on the suite and your songs
   acecap compare --ref cuda:fp32 --cand cuda:bf16 --model ./acestep-captioner -o precision-gpu
   acecap compare laptop/annotations.jsonl npu-server/annotations.jsonl   two saved runs, texts only
+"""
+
+
+SERVE_EXAMPLES = """\
+examples:
+  acecap serve                                       the captioner on http://127.0.0.1:8000/v1
+  acecap serve --device npu:0 --host 0.0.0.0 --api-key $KEY
+  acecap serve --task lyrics --port 8001             the transcriber beside it
+  acecap serve --allow-files /data/music             clients may name file:///data/music/... as audio_url
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
 """
 
 
@@ -462,9 +533,37 @@ def compare_command(args: argparse.Namespace) -> int:
     return status
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    from .captioner import Captioner
+    from .chat import AudioAccess
+    from .devices import dtype_name
+    from .serve import ServeConfig, serve
+
+    if args.allow_files is not None and not args.allow_files.is_dir():
+        raise ValueError(f"--allow-files {args.allow_files}: not a folder")
+    config = ServeConfig(
+        api_key=args.api_key or None,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        max_duration=args.max_duration,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout,
+        access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
+    )
+    captioner = Captioner.from_pretrained(
+        args.model, task=args.task, device=args.device, dtype=args.dtype, hub=args.hub, decoder=args.decoder
+    )
+    log.info("%s on %s (%s), loaded in %.1f s", captioner.model_name, captioner.device,
+             dtype_name(captioner.dtype), captioner.load_s)  # fmt: skip
+    serve(captioner, config, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = getattr(args, "quiet", False) or args.command != "annotate"
+    quiet = getattr(args, "quiet", False) or args.command not in ("annotate", "serve")
     logging.basicConfig(format="acecap: %(levelname)s: %(message)s", level=logging.WARNING if quiet else logging.INFO)
     logging.getLogger().handlers[0].addFilter(_lowercase_level)
     # transformers' own notices (talker config checks, deprecations) mean nothing to a captioning user.
@@ -488,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench_command(args)
         if args.command == "compare":
             return compare_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         return caption_command(args)
     except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         _error(str(error))

@@ -1,0 +1,311 @@
+"""acecap serve: a real uvicorn server on localhost with the tiny model, called by the official openai client
+and by raw HTTP for every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+
+from acecap import Captioner, Decoding
+from acecap.audio import decode_audio
+from acecap.chat import AudioAccess
+from acecap.serve import ServeConfig, running
+
+PROMPT = "*Task* Describe this audio in detail"
+
+
+def wav_bytes(seconds: float = 1.0, frequency: float = 440.0) -> bytes:
+    t = np.arange(int(seconds * 16000)) / 16000
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def audio_part(data: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+
+
+def url_part(url: str) -> dict:
+    return {"type": "audio_url", "audio_url": {"url": url}}
+
+
+def body(*parts: dict, **options) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}, *parts]}], **options}
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model) -> Captioner:
+    return Captioner.from_pretrained(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(captioner):
+    with running(captioner, ServeConfig(api_key="secret", max_new_tokens=64, max_duration=10)) as url:
+        yield url
+
+
+def post(url: str, payload, key: str | None = "secret", **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(payload, (bytes, str)):
+        return httpx.post(f"{url}/v1/chat/completions", content=payload, headers=headers, timeout=60, **kwargs)
+    return httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=60, **kwargs)
+
+
+def refused(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["code"] == status, error
+
+
+def test_openai_client_gets_the_captioners_caption_plain_and_streamed(server, captioner):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="secret")
+    assert [m.id for m in client.models.list().data] == [str(captioner.model_name)]
+    data = wav_bytes(2.0)
+    messages = body(audio_part(data))["messages"]
+    reply = client.chat.completions.create(model=str(captioner.model_name), messages=messages, max_tokens=12)
+    direct = captioner.caption(decode_audio(data), Decoding(max_new_tokens=12))
+    assert reply.choices[0].message.content == direct.text and direct.text
+    assert reply.choices[0].finish_reason == ("stop" if direct.finished else "length")
+    assert reply.usage.completion_tokens == direct.tokens and reply.usage.prompt_tokens == direct.prompt_tokens
+    assert reply.usage.prompt_tokens > 2 * 25  # 2 s of audio is 50 audio tokens, plus the chat text
+
+    stream = client.chat.completions.create(model=str(captioner.model_name), messages=messages, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces).strip() == direct.text and sum(1 for p in pieces if p) > 1  # text arrived in pieces
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == direct.tokens
+
+
+def test_the_request_text_is_the_prompt(server, captioner):
+    data = wav_bytes(1.0)
+    other = "*Task* Transcribe this audio in detail"
+    content = [{"type": "text", "text": other}, audio_part(data)]
+    reply = post(server, {"messages": [{"role": "user", "content": content}], "max_tokens": 8})
+    expected = captioner.caption_clips([decode_audio(data)], Decoding(max_new_tokens=8), prompts=[other])[0]
+    assert reply.json()["choices"][0]["message"]["content"] == expected.text
+    assert expected.prompt == other and expected.prompt_tokens == reply.json()["usage"]["prompt_tokens"]
+
+
+def test_api_key_is_required_on_v1_but_not_on_health(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
+    for key in (None, "wrong"):
+        refused(post(server, body(audio_part(wav_bytes())), key=key), 401, "API key")
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "payload, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "JSON object"),
+        (body(), 400, "exactly one audio part"),
+        (body(audio_part(wav_bytes()), audio_part(wav_bytes())), 400, "exactly one audio part"),
+        (body({"type": "input_audio", "input_audio": {"data": "@@not base64@@"}}), 400, "not valid base64"),
+        (body(audio_part(b"this is text, not audio" * 20)), 400, "could not be used"),
+        (body({"type": "image_url", "image_url": {"url": "x"}}), 400, "'image_url' is not supported"),
+        ({"messages": [{"role": "system", "content": "be brief"}]}, 400, "only user messages"),
+        (body(audio_part(wav_bytes()), max_tokens=65), 400, "max_tokens must be in [1, 64]"),
+        (body(audio_part(wav_bytes()), temperature="hot"), 400, "temperature must be a number"),
+        (body(audio_part(wav_bytes()), n=2), 400, "n must be 1"),
+        (body(audio_part(wav_bytes()), model="gpt-4o"), 404, "not served here"),
+        (body(audio_part(wav_bytes(11.0))), 413, "at most 10 s"),
+        (body(url_part("file:///etc/passwd")), 403, "local files are off"),
+        (body(url_part("https://example.com/song.mp3")), 403, "remote URLs are off"),
+        (body(url_part("ftp://example.com/song.mp3")), 400, "scheme 'ftp'"),
+    ],
+)
+def test_every_bad_request_gets_its_status_and_a_reason(server, payload, status, words):
+    refused(post(server, payload), status, words)
+
+
+def test_a_data_url_is_audio_too(server):
+    data = "data:audio/wav;base64," + base64.b64encode(wav_bytes()).decode()
+    assert post(server, body(url_part(data), max_tokens=4)).status_code == 200
+
+
+def test_metrics_count_requests_errors_batches_and_tokens(server):
+    before = httpx.get(f"{server}/metrics").text
+    post(server, body(audio_part(wav_bytes()), max_tokens=5))
+    refused(post(server, b"{"), 400, "JSON")
+    after = httpx.get(f"{server}/metrics").text
+
+    def value(text: str, series: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+    for series, grew in [('acecap_requests_total{status="200"}', 1), ('acecap_requests_total{status="400"}', 1),
+                         ('acecap_errors_total{type="invalid_request_error"}', 1), ("acecap_batch_size_count", 1),
+                         ("acecap_audio_seconds_total", 1.0)]:  # fmt: skip
+        assert value(after, series) - value(before, series) == pytest.approx(grew), series
+    assert 1 <= value(after, "acecap_completion_tokens_total") - value(before, "acecap_completion_tokens_total") <= 5
+    assert "acecap_queue_depth 0.0" in after and "acecap_request_seconds_bucket" in after
+
+
+def test_body_over_the_limit_is_refused(captioner):
+    with running(captioner, ServeConfig(max_body_mb=0.01)) as url:
+        refused(post(url, body(audio_part(wav_bytes(1.0)))), 413, "over the server's limit")
+        assert post(url, body(audio_part(wav_bytes(0.1)), max_tokens=2)).status_code == 200
+
+
+def test_files_only_inside_the_allowed_folder_even_through_symlinks(captioner, tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "song.wav").write_bytes(wav_bytes())
+    (outside / "secret.wav").write_bytes(wav_bytes())
+    (allowed / "link.wav").symlink_to(outside / "secret.wav")
+    (allowed / "door").symlink_to(outside)
+    with running(captioner, ServeConfig(access=AudioAccess(files=allowed))) as url:
+        assert post(url, body(url_part(f"file://{allowed}/song.wav"), max_tokens=3)).status_code == 200
+        for sneaky in (f"{allowed}/../outside/secret.wav", f"{allowed}/link.wav", f"{allowed}/door/secret.wav"):
+            refused(post(url, body(url_part(f"file://{sneaky}"))), 403, "outside the folder")
+        refused(post(url, body(url_part(f"file://{allowed}/missing.wav"))), 400, "no such file")
+
+
+@pytest.fixture
+def web_folder(tmp_path):
+    """A real HTTP server on localhost serving tmp_path."""
+    (tmp_path / "song.wav").write_bytes(wav_bytes())
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_urls_only_when_allowed(captioner, web_folder):
+    with running(captioner, ServeConfig(access=AudioAccess(urls=True, max_bytes=40_000))) as url:
+        assert post(url, body(url_part(f"{web_folder}/song.wav"), max_tokens=3)).status_code == 200
+        refused(post(url, body(url_part(f"{web_folder}/missing.wav"))), 400, "HTTP 404")
+    with running(captioner, ServeConfig(access=AudioAccess(urls=True, max_bytes=1000))) as url:
+        refused(post(url, body(url_part(f"{web_folder}/song.wav"))), 413, "more than")
+
+
+LONG = {"max_tokens": 500, "ignore_eos": True}  # a few seconds of decoding on the tiny model
+
+
+def wait_for(url: str, key: str, value: int) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health").json()[key] != value:
+        assert time.monotonic() < deadline, f"{key} never reached {value}"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_503_with_retry_after(captioner):
+    config = ServeConfig(max_batch_size=1, max_queue=1, max_new_tokens=500)
+    with running(captioner, config) as url:
+        answers = {}
+        first = threading.Thread(target=lambda: answers.update(first=post(url, body(audio_part(wav_bytes()), **LONG))))
+        first.start()
+        wait_for(url, "running", 1)
+        second = threading.Thread(target=lambda: answers.update(second=post(url, body(audio_part(wav_bytes()),
+                                                                                      max_tokens=3))))  # fmt: skip
+        second.start()
+        wait_for(url, "waiting", 1)
+        third = post(url, body(audio_part(wav_bytes()), max_tokens=3))
+        refused(third, 503, "busy")
+        assert third.headers["Retry-After"] == "1"
+        first.join()
+        second.join()
+        assert answers["first"].json()["usage"]["completion_tokens"] == 500
+        assert answers["second"].status_code == 200
+
+
+def test_a_request_past_its_timeout_gets_504(captioner):
+    with running(captioner, ServeConfig(timeout_s=0.5, max_new_tokens=500)) as url:
+        refused(post(url, body(audio_part(wav_bytes()), **LONG)), 504, "timed out")
+
+
+def test_200_concurrent_requests_are_each_answered_once_and_batched(captioner):
+    config = ServeConfig(max_batch_size=16, max_queue=100, max_new_tokens=8)
+    data = base64.b64encode(wav_bytes(0.5)).decode()
+
+    async def one(client: httpx.AsyncClient, n: int) -> tuple[str, int, str]:
+        payload = body({"type": "input_audio", "input_audio": {"data": data}}, max_tokens=8)
+        response = await client.post("/v1/chat/completions", json=payload, headers={"X-Request-Id": f"r{n}"})
+        return response.headers.get("x-request-id"), response.status_code, response.text
+
+    async def all_at_once(url: str):
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(one(client, n) for n in range(200)))
+
+    with running(captioner, config) as url:
+        answers = asyncio.run(all_at_once(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert sorted(rid for rid, _, _ in answers) == sorted(f"r{n}" for n in range(200))
+    statuses = [status for _, status, _ in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 100
+    assert all("busy" in text for _, status, text in answers if status == 503)
+    served = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("acecap_requests_total"))
+    assert served == 200
+    batches = float(
+        next(line.split()[-1] for line in metrics.splitlines() if line.startswith("acecap_batch_size_count"))
+    )
+    assert batches < statuses.count(200) / 2  # on average more than two requests per batch
+
+
+def test_requests_with_different_settings_run_in_separate_batches_with_the_same_results(captioner):
+    from acecap.batching import Batcher, Request
+
+    sizes, answers = [], {}
+    batcher = Batcher(captioner, max_batch=8, max_wait_s=0.5, max_queue=8, max_duration=300,
+                      on_batch=lambda size, seconds: sizes.append(size))  # fmt: skip
+    clips = [decode_audio(wav_bytes(1 + n / 2, 220 * (n + 1))) for n in range(4)]
+    settings = [Decoding(max_new_tokens=4), Decoding(max_new_tokens=6)] * 2
+    for n, (clip, decoding) in enumerate(zip(clips, settings, strict=True)):
+        batcher.submit(Request(clip, PROMPT, decoding, answer=lambda result, n=n: answers.update({n: result})))
+    skipped = Request(clips[0], PROMPT, settings[0], answer=lambda result: answers.update(skipped=result))
+    skipped.cancelled = True
+    batcher.submit(skipped)
+    batcher.start()
+    batcher.stop()
+    assert sorted(sizes) == [2, 2] and "skipped" not in answers
+    for n, (clip, decoding) in enumerate(zip(clips, settings, strict=True)):
+        assert (
+            answers[n].text == captioner.caption(clip, decoding).text and answers[n].tokens <= decoding.max_new_tokens
+        )
+
+
+def test_serve_command_finishes_in_flight_requests_on_sigterm(tiny_model):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "acecap", "serve", "--model", str(tiny_model), "--device", "cpu", "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "ACECAP_API_KEY": "k"},
+    )  # fmt: skip
+    try:
+        for line in process.stderr:
+            if "serving" in line:
+                url = line.split(" on ")[-1].split("/v1")[0]
+                break
+        else:
+            pytest.fail("the server never said where it listens")
+        answers = {}
+        request = body(audio_part(wav_bytes()), **LONG)
+        caller = threading.Thread(target=lambda: answers.update(reply=post(url, request, key="k")))
+        caller.start()
+        wait_for(url, "running", 1)
+        process.send_signal(signal.SIGTERM)
+        caller.join()
+        assert answers["reply"].status_code == 200, answers["reply"].text
+        assert answers["reply"].json()["usage"]["completion_tokens"] == 500
+        # uvicorn ends by re-raising the signal once shut down, so a supervisor sees the usual SIGTERM exit.
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        assert "Application shutdown complete" in process.stderr.read()
+    finally:
+        process.kill()
