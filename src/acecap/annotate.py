@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +62,8 @@ class Job:
     overwrite: bool = False
     write_txt: bool = False
     shard: tuple[int, int] | None = None
+    ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
+    ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -117,7 +119,7 @@ class Decoded:
     audio_s: float
 
 
-def _decode(item: Item) -> Decoded:
+def decode_item(item: Item) -> Decoded:
     start = time.perf_counter()
     try:
         identity = file_identity(item.path)
@@ -139,22 +141,21 @@ def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
     def fill() -> None:
         with ThreadPoolExecutor(threads, thread_name_prefix="acecap-decode") as pool:
             for chunk in iter(work.get, None):
-                ready.put(list(pool.map(_decode, chunk)))
+                ready.put(list(pool.map(decode_item, chunk)))
         ready.put(None)
 
     threading.Thread(target=fill, daemon=True, name="acecap-prefetch").start()
     yield from iter(ready.get, None)
 
 
-class _Worker:
+class Worker:
     """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
 
-    def __init__(self, job: Job, captioner, rank: int, run_id: str, events):
+    def __init__(self, job: Job, captioner, save: Callable[[list[dict], dict[str, Path]], None]):
+        """`save(records, relative)` makes records durable; `relative` maps their paths to output names."""
         self.job = job
         self.captioner = captioner
-        self.rank = rank
-        self.events = events
-        self.writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
+        self.save_records = save
         self.max_duration = job.max_duration
         if captioner is not None:
             full = captioner.max_duration_limit(job.decoding)
@@ -186,10 +187,7 @@ class _Worker:
         return record
 
     def save(self, records: list[dict], good: list[Decoded]) -> None:
-        """Make records durable, write their text files, and tell the main process."""
-        self.writer.write(records)
-        self._write_txt(records, good)
-        self.events.put(("records", self.rank, [(r["path"], r["duration"] or 0.0, r["error"]) for r in records], None))
+        self.save_records(records, {d.identity["path"]: d.item.relative for d in good})
 
     def run_chunk(self, chunk: list[Decoded]) -> None:
         self.save([self.record(d) for d in chunk if d.clip is None], [])
@@ -288,36 +286,48 @@ class _Worker:
             records.append(self.record(decoded, meta=meta.summary(), **fields, timings=timings))
         self.save(records, good)
 
-    def _write_txt(self, records: list[dict], good: list[Decoded]) -> None:
-        if not self.job.write_txt:
-            return
-        relative = {d.identity["path"]: d.item.relative for d in good}
-        for record in records:
-            if record["error"] is None and record["path"] in relative:
-                name = relative[record["path"]].with_suffix(f".{self.job.task}.txt")
-                atomic_write(self.job.output_dir / name, record[self.job.task] + "\n")
+
+def write_txt(job: Job, records: list[dict], relative: dict[str, Path]) -> None:
+    """With -f txt: OUT/<relative path>.<task>.txt for each record that has a text."""
+    if not job.write_txt:
+        return
+    for record in records:
+        if record["error"] is None and record["path"] in relative:
+            name = relative[record["path"]].with_suffix(f".{job.task}.txt")
+            atomic_write(job.output_dir / name, record[job.task] + "\n")
+
+
+def load_captioner(job: Job, device: str):
+    """The job's model on `device`, or None for meta, which needs none."""
+    from .captioner import Captioner
+
+    if job.task == "meta":
+        return None
+    return Captioner.from_pretrained(
+        job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub, prompt=job.prompt, decoder=job.decoder
+    )
+
+
+def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]]:
+    """(path, duration, error) per record: what progress and the summary count."""
+    return [(r["path"], r["duration"] or 0.0, r["error"]) for r in records]
 
 
 def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) -> None:
     """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
-    from .captioner import Captioner
+    try:
+        captioner = load_captioner(job, device)
+    except Exception as error:
+        events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
+        return
+    writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
 
-    captioner = None  # meta needs no model
-    if job.task != "meta":
-        try:
-            captioner = Captioner.from_pretrained(
-                job.model,
-                task=job.task,
-                device=device,
-                dtype=job.dtype,
-                hub=job.hub,
-                prompt=job.prompt,
-                decoder=job.decoder,
-            )
-        except Exception as error:
-            events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
-            return
-    worker = _Worker(job, captioner, rank, run_id, events)
+    def save(records: list[dict], relative: dict[str, Path]) -> None:
+        writer.write(records)
+        write_txt(job, records, relative)
+        events.put(("records", rank, summarise_records(records), None))
+
+    worker = Worker(job, captioner, save)
     loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
     events.put(("loaded", rank, *loaded))
     for chunk in _prefetch(work):
@@ -369,10 +379,74 @@ def _start_workers(job: Job, run_id: str, pending: list[Item]):
     return workers, work, events  # the caller keeps `work` alive: spawned children unpickle it late
 
 
+class Progress:
+    """The progress bar and the summary's counts, fed by whichever workers run the job."""
+
+    def __init__(self, summary: Summary, pending: int, show: bool, started: float):
+        from tqdm.auto import tqdm
+
+        self.summary, self.started, self.seen = summary, started, 0
+        self.bar = tqdm(total=pending, unit="file", disable=not show, dynamic_ncols=True, smoothing=0.1)
+
+    def stats(self, rank: int, device: str) -> dict:
+        return self.summary.per_device.setdefault(rank, {"device": device, "files": 0, "audio_s": 0.0})
+
+    def loaded(self, rank: int, device: str, load_s: float) -> None:
+        stats = self.stats(rank, device)
+        stats["device"], stats["load_s"] = device, load_s
+        log.info("worker %d: model on %s in %.1f s", rank, device, load_s)
+
+    def records(self, rank: int, device: str, entries: list[tuple[str, float, str | None]]) -> None:
+        summary, stats = self.summary, self.stats(rank, device)
+        for path, duration, error in entries:
+            self.seen += 1
+            stats["files"] += 1
+            stats["audio_s"] += duration
+            summary.audio_seconds += duration
+            if error:
+                summary.failures.append((path, error))
+            else:
+                summary.captioned += 1
+        elapsed = time.perf_counter() - self.started
+        left = self.bar.total - self.seen
+        eta = f", ETA {left / self.seen * elapsed / 60:.0f} min" if self.seen and left else ""
+        self.bar.update(len(entries))
+        self.bar.set_postfix_str(
+            f"{summary.audio_seconds / 3600:.2f} h audio, {self.seen / elapsed * 60:.1f} files/min, "
+            f"{summary.audio_seconds / elapsed:.1f} audio-s/s, {len(summary.failures)} failed{eta}"
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_local(job: Job, run_id: str, pending: list[Item], progress: Progress) -> None:
+    workers, work, events = _start_workers(job, run_id, pending)
+    live = len(workers)
+    while live:
+        try:
+            kind, rank, payload, extra = events.get(timeout=1.0)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers):
+                break  # a worker died without a word (killed): stop waiting for it
+            continue
+        device = job.devices[rank]
+        if kind == "loaded":
+            progress.loaded(rank, payload, extra)
+        elif kind == "fatal":
+            log.error("worker %d (%s) could not start: %s", rank, device, extra)
+            live -= 1
+        elif kind == "exit":
+            live -= 1
+        elif kind == "records":
+            progress.records(rank, device, payload)
+    for worker in workers:
+        worker.join(timeout=5)
+    del work
+
+
 def annotate(job: Job, progress: bool = True) -> Summary:
     """Run the job; return what happened. Records are in job.output_dir/annotations.jsonl."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     job.output_dir.mkdir(parents=True, exist_ok=True)
     pending, skipped = plan(job)
@@ -380,47 +454,16 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     if skipped:
         log.info("%d of %d files were finished by an earlier run", skipped, summary.total)
     if pending:
-        workers, work, events = _start_workers(job, uuid.uuid4().hex[:8], pending)
-        bar = tqdm(total=len(pending), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-        seen, live = 0, len(workers)
-        while live:
-            try:
-                kind, rank, payload, extra = events.get(timeout=1.0)
-            except queue.Empty:
-                if not any(w.is_alive() for w in workers):
-                    break  # a worker died without a word (killed): stop waiting for it
-                continue
-            device = job.devices[rank]
-            stats = summary.per_device.setdefault(rank, {"device": device, "files": 0, "audio_s": 0.0})
-            if kind == "loaded":
-                stats["device"], stats["load_s"] = payload, extra
-                log.info("worker %d: model on %s in %.1f s", rank, payload, extra)
-            elif kind == "fatal":
-                log.error("worker %d (%s) could not start: %s", rank, device, extra)
-                live -= 1
-            elif kind == "exit":
-                live -= 1
-            elif kind == "records":
-                for path, duration, error in payload:
-                    seen += 1
-                    stats["files"] += 1
-                    stats["audio_s"] += duration
-                    summary.audio_seconds += duration
-                    if error:
-                        summary.failures.append((path, error))
-                    else:
-                        summary.captioned += 1
-                elapsed = time.perf_counter() - started
-                bar.update(len(payload))
-                bar.set_postfix_str(
-                    f"{summary.audio_seconds / 3600:.2f} h audio, {seen / elapsed * 60:.1f} files/min, "
-                    f"{summary.audio_seconds / elapsed:.1f} audio-s/s, {len(summary.failures)} failed"
-                )
-        bar.close()
-        for worker in workers:
-            worker.join(timeout=5)
-        del work
-        summary.not_processed = len(pending) - seen
+        tracker = Progress(summary, len(pending), progress, started)
+        run_id = uuid.uuid4().hex[:8]
+        if job.ray is not None:
+            from .cluster import run_on_ray
+
+            run_on_ray(job, run_id, pending, tracker)
+        else:
+            _run_local(job, run_id, pending, tracker)
+        tracker.close()
+        summary.not_processed = len(pending) - tracker.seen
     merge(job.output_dir)
     summary.elapsed_s = time.perf_counter() - started
     return summary

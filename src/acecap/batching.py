@@ -51,9 +51,9 @@ def batches(clips: list[Clip], max_duration: float, limits: BatchLimits) -> Iter
         yield batch
 
 
-def default_batch_size(device) -> int:
+def default_batch_size(kind: str) -> int:
     """64 clips on an accelerator, 32 on a CPU, where larger batches gained little."""
-    return 32 if device.type == "cpu" else 64
+    return 32 if kind == "cpu" else 64
 
 
 def batch_limits(captioner, decoding: Decoding, batch_size: int | None) -> BatchLimits:
@@ -62,7 +62,7 @@ def batch_limits(captioner, decoding: Decoding, batch_size: int | None) -> Batch
     per_token = cache_bytes_per_token(captioner.thinker)
     memory = devices.memory_info(captioner.device)
     return BatchLimits(
-        clips=batch_size or default_batch_size(captioner.device),
+        clips=batch_size or default_batch_size(captioner.device.type),
         padding=0.25 if captioner.decoder == "transformers" else None,
         cache_bytes=memory[0] // 2 if memory else None,
         clip_bytes=(captioner.prompt_tokens + decoding.max_new_tokens) * per_token,

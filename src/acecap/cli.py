@@ -154,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+    group = annotate.add_argument_group("Ray cluster (pip install 'acecap[ray]')")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster: one actor per NPU or GPU, records written here as they come "
+        "back. ADDRESS: auto (the cluster this node joined), ray://HEAD:10001, or nothing for "
+        "a local cluster. Input files must be at the same path on every node",
+    )
+    group.add_argument("--ray-actors", type=int, metavar="N",
+                       help="actors to start (default one per card of --device's kind in the cluster; one "
+                       "on a CPU-only cluster)")  # fmt: skip
 
     bench = commands.add_parser(
         "bench", help="measure speed: time to first token, tok/s, audio-s/s, memory, per decoder and batch size",
@@ -311,6 +324,7 @@ examples:
                                                    an ACE-Step training set: sidecars beside each song
   acecap annotate list.csv -o labels --devices all one process per NPU or GPU
   acecap annotate songs/ -o labels --shard 3/8     this machine's eighth of the files
+  acecap annotate /nfs/songs -o labels --ray auto  every NPU or GPU of the Ray cluster this node joined
 """
 
 
@@ -342,7 +356,11 @@ def annotate_command(args: argparse.Namespace) -> int:
             task=task,
             model=models.get(task),
             hub=args.hub,
-            devices=["cpu"] if task == "meta" else expand_devices(args.devices or args.device),
+            devices=["cpu"]
+            if task == "meta"
+            else [args.device]
+            if args.ray is not None
+            else expand_devices(args.devices or args.device),
             dtype=args.dtype,
             decoder=args.decoder,
             prompt=args.prompt,
@@ -354,6 +372,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             write_txt="txt" in args.format,
             shard=_shard(args.shard),
+            ray=args.ray,
+            ray_actors=args.ray_actors,
         )
         if len(tasks) > 1:
             log.info("task %s", task)

@@ -106,7 +106,7 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
                          f"{config.max_new_tokens}: the model's context holds no more")  # fmt: skip
     batcher = Batcher(
         captioner,
-        max_batch=config.max_batch_size or batching.default_batch_size(captioner.device),
+        max_batch=config.max_batch_size or batching.default_batch_size(captioner.device.type),
         max_wait_s=config.max_wait_ms / 1000,
         max_queue=config.max_queue,
         max_duration=config.max_duration,
