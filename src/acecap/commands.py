@@ -1,0 +1,251 @@
+"""What each `acecap` command does with its parsed arguments: call the Python API, print, pick the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("acecap")
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard {text!r}: use i/N with 0 <= i < N, like 0/4")
+    return int(index), int(count)
+
+
+def annotate_command(args: argparse.Namespace) -> int:
+    from .acestep import export
+    from .annotate import ALL_TASKS, Job, annotate, summary_table
+    from .devices import expand_devices
+    from .inputs import discover
+    from .records import latest_per_input, load_records
+
+    tasks = _tasks(args.tasks, ALL_TASKS)
+    models = _models(args.model, [task for task in tasks if task != "meta"])
+    if args.prompt and sum(task != "meta" for task in tasks) > 1:
+        raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    ok = True
+    for task in tasks:
+        job = Job(
+            inputs=args.inputs,
+            output_dir=args.output_dir,
+            task=task,
+            model=models.get(task),
+            hub=args.hub,
+            devices=["cpu"]
+            if task == "meta"
+            else [args.device]
+            if args.ray is not None
+            else expand_devices(args.devices or args.device),
+            dtype=args.dtype,
+            decoder=args.decoder,
+            prompt=args.prompt,
+            decoding=_decoding(args),
+            batch_size=args.batch_size,
+            long_audio=args.long_audio,
+            max_duration=args.max_duration,
+            segment_seconds=args.segment_seconds,
+            overwrite=args.overwrite,
+            write_txt="txt" in args.format,
+            shard=_shard(args.shard),
+            ray=args.ray,
+            ray_actors=args.ray_actors,
+        )
+        if len(tasks) > 1:
+            log.info("task %s", task)
+        summary = annotate(job, progress=not args.quiet)
+        print(f"{task}:\n{summary_table(summary)}", file=sys.stderr)
+        ok &= summary.ok
+    print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
+    formats = [f for f in args.format if f != "txt"]
+    if formats:
+        relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
+        records = latest_per_input(load_records(args.output_dir))
+        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite)
+        print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _tasks(text: str, known: tuple[str, ...]) -> list[str]:
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in known]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {text!r}: use a comma list of {', '.join(known)}")
+    return list(dict.fromkeys(tasks))
+
+
+def _models(values: list[str], tasks: list[str]) -> dict[str, str]:
+    """--model MODEL (every model task) and --model TASK=MODEL (one task)."""
+    models: dict[str, str] = {}
+    for value in values:
+        task, sep, model = value.partition("=")
+        if sep and task in ("caption", "lyrics"):
+            models[task] = model
+        else:
+            models.update({task: value for task in tasks})
+    return models
+
+
+def _decoding(args: argparse.Namespace):
+    from .generate import Decoding
+
+    return Decoding(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def say_error(message: str) -> None:
+    print(f"acecap: error: {message}", file=sys.stderr)
+
+
+def _figures(result) -> str:
+    t = result.timings
+    flags = " [truncated]" if result.truncated else ""
+    flags += " [cut at --max-new-tokens]" if not result.finished else ""
+    return (f"{result.source}: {result.duration:.1f} s audio, {result.tokens} tokens, "
+            f"first token {t.first_token_s * 1000:.0f} ms, {t.decode_tokens_per_s:.1f} tok/s, "
+            f"audio decode {t.audio_s * 1000:.0f} ms{flags}")  # fmt: skip
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from .audio import AudioError, load_audio
+    from .captioner import Captioner
+    from .devices import dtype_name
+    from .writers import check_unique_names, write_result
+
+    decoding = _decoding(args)
+    if args.output_dir:
+        check_unique_names(args.paths)
+    captioner = None
+    failures = 0
+    for path in args.paths:
+        start = time.perf_counter()
+        try:
+            clip = load_audio(path)
+        except AudioError as error:
+            say_error(f"{path}: {error}")
+            failures += 1
+            continue
+        audio_s = time.perf_counter() - start
+        if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
+            captioner = Captioner.from_pretrained(
+                args.model,
+                task=args.task,
+                device=args.device,
+                dtype=args.dtype,
+                hub=args.hub,
+                prompt=args.prompt,
+                decoder=args.decoder,
+            )
+            print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
+                  f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
+        result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
+        if len(args.paths) > 1:
+            print(f"# {path}")
+        print(result.text, flush=True)
+        print(_figures(result), file=sys.stderr)
+        if args.output_dir:
+            write_result(result, args.output_dir, args.format)
+    return 1 if failures else 0
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {text!r}: use numbers like 1,8,32") from None
+    if min(values) < 1:
+        raise ValueError("--batch-sizes must be at least 1")
+    return values
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    report = bench(
+        model=args.model,
+        shape=args.shapes,
+        device=args.device,
+        dtype=args.dtype,
+        decoders=args.decoders.split(","),
+        batch_sizes=_numbers(args.batch_sizes),
+        seconds=args.seconds,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        output_dir=args.output_dir,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print((args.output_dir / "bench.md").read_text(), end="")
+    return 1 if any(run.get("error") for run in report["runs"]) else 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from .audio import AudioError, load_audio
+    from .compare import builtin_suite, check_both_fit, compare, compare_results, parse_side
+    from .generate import Decoding
+    from .inputs import discover
+    from .precision_report import verdict, write_report, write_text_report
+
+    saved = [Path(p) for p in args.paths if Path(p).suffix in (".json", ".jsonl")]
+    if saved:  # two runs made elsewhere: compare what they saved
+        if len(saved) != 2 or len(args.paths) != 2:
+            raise ValueError("to compare saved runs give exactly two result files: REFERENCE.json CANDIDATE.json")
+        line, status = write_text_report(compare_results(*saved), *saved, args.output_dir), 0
+    else:
+        reference, candidate = parse_side(args.ref), parse_side(args.cand)
+        clips = [] if args.no_suite else builtin_suite()
+        for item in discover(args.paths):
+            try:
+                clips.append(load_audio(item.path))
+            except AudioError as error:
+                say_error(f"{item.path}: {error}; left out")
+        if not clips:
+            raise ValueError("nothing to compare: give audio files, or leave out --no-suite")
+        check_both_fit(args.model, reference, candidate, args.task, args.hub)
+        decoding = Decoding(max_new_tokens=args.max_new_tokens)
+        results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
+        line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
+        status = 1 if verdict(results) == "fail" else 0
+    print((args.output_dir / "report.md").read_text(), end="")
+    print(line, file=sys.stderr)
+    return status
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .captioner import Captioner
+    from .chat import AudioAccess
+    from .devices import dtype_name
+    from .serve import ServeConfig, serve
+
+    if args.allow_files is not None and not args.allow_files.is_dir():
+        raise ValueError(f"--allow-files {args.allow_files}: not a folder")
+    config = ServeConfig(
+        api_key=args.api_key or None,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        max_duration=args.max_duration,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout,
+        access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
+    )
+    captioner = Captioner.from_pretrained(
+        args.model, task=args.task, device=args.device, dtype=args.dtype, hub=args.hub, decoder=args.decoder
+    )
+    log.info("%s on %s (%s), loaded in %.1f s", captioner.model_name, captioner.device,
+             dtype_name(captioner.dtype), captioner.load_s)  # fmt: skip
+    serve(captioner, config, args.host, args.port)
+    return 0
