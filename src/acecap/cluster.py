@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .annotate import (
@@ -67,6 +69,7 @@ class Annotator:
     def __init__(self, job: Job, kind: str):
         self.job = job
         self.captioner = load_captioner(job, kind)
+        self.device_lock = threading.Lock()  # two calls run at once: one decodes files while one captions
 
     def info(self) -> tuple[str, float, int]:
         device = f"{socket.gethostname()}:{self.captioner.device if self.captioner else 'cpu'}"
@@ -75,7 +78,10 @@ class Annotator:
     def run(self, items: list[Item]) -> list[tuple[list[dict], dict[str, Path]]]:
         saved: list[tuple[list[dict], dict[str, Path]]] = []
         worker = Worker(self.job, self.captioner, lambda records, relative: saved.append((records, relative)))
-        worker.run_chunk([decode_item(item) for item in items])
+        with ThreadPoolExecutor(2, thread_name_prefix="acecap-decode") as pool:
+            decoded = list(pool.map(decode_item, items))
+        with self.device_lock:
+            worker.run_chunk(decoded)
         return saved
 
 
@@ -99,7 +105,7 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
     resources = ray.cluster_resources()
     kind = cluster_kind(job.devices[0], resources)
     count = actor_count(kind, resources, job.ray_actors)
-    remote = ray.remote(max_restarts=4 * ATTEMPTS, max_task_retries=ATTEMPTS - 1)(Annotator)
+    remote = ray.remote(max_restarts=4 * ATTEMPTS, max_task_retries=ATTEMPTS - 1, max_concurrency=2)(Annotator)
     actors = [remote.options(**ACTOR_RESOURCES[kind]).remote(job, kind) for _ in range(count)]
     devices: dict[int, str] = {}
     for rank, actor in enumerate(actors):
