@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from acecap import Decoding, devices
 from acecap.annotate import Job, annotate
 from acecap.audio import load_audio
+from acecap.bench import environment
 from acecap.model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 from acecap.tiny import write_tiny
 
@@ -154,18 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
-    import transformers
-
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
     lengths = clip_lengths(args.clips, args.shortest, args.longest)
     report = {
         "setup": {
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-            "device": f"{devices.device_name(device)} ({device})",
-            "dtype": devices.dtype_name(dtype),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **environment(device, dtype),
             "shape": args.shape,
             "tokens": args.tokens,
             "decoder": args.decoder,

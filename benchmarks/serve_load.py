@@ -19,19 +19,16 @@ import asyncio
 import base64
 import io
 import json
-import platform
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import soundfile
-import torch
 
-from acecap import Captioner, devices
+from acecap import devices
+from acecap.bench import environment, random_captioner
 from acecap.serve import ServeConfig, running
-from acecap.tiny import write_tiny
 
 
 def clip_wav(seconds: float, index: int) -> str:
@@ -148,17 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
-    import transformers
-
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
     report = {
         "setup": {
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-            "device": f"{devices.device_name(device)} ({device})",
-            "dtype": devices.dtype_name(dtype),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **environment(device, dtype),
             "shape": args.shape,
             "clients": args.clients,
             "duration_s": args.duration,
@@ -169,9 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     clips = [clip_wav(args.seconds, i) for i in range(8)]
-    with tempfile.TemporaryDirectory(prefix="acecap-load-") as scratch:
-        model = write_tiny(Path(scratch) / "model", shape=args.shape, device=str(device))
-        captioner = Captioner.from_pretrained(model, device=str(device), dtype=devices.dtype_name(dtype))
+    captioner = random_captioner(args.shape, str(device), devices.dtype_name(dtype))
     limits = {"max_new_tokens": args.tokens, "max_queue": 4 * args.clients}
     for name, batch in (("batching on", args.max_batch_size), ("batching off", 1)):
         with running(captioner, ServeConfig(max_batch_size=batch, **limits)) as url:

@@ -94,6 +94,19 @@ def tone_clip(seconds: float, seed: int = 0) -> Clip:
     return Clip(samples.astype(np.float32), f"tone-{seconds:g}s-{seed}")
 
 
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Where a benchmark program ran: machine, device, dtype and library versions, for its report."""
+    import transformers
+
+    return {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "device": f"{devices.device_name(device)} ({device})",
+        "dtype": devices.dtype_name(dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def random_captioner(shape: str, device: str, dtype: str) -> Captioner:
     """A Captioner over random weights of `shape`, built on the device; tokenizer and processor are real."""
     from .model import load_processor
