@@ -119,12 +119,17 @@ class Decoded:
     audio_s: float
 
 
+def identity_of(item: Item) -> dict:
+    """The file's identity for its record; a file that cannot be stat'ed keeps its path only."""
+    try:
+        return file_identity(item.path)
+    except OSError:
+        return {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
+
+
 def decode_item(item: Item) -> Decoded:
     start = time.perf_counter()
-    try:
-        identity = file_identity(item.path)
-    except OSError:
-        identity = {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
+    identity = identity_of(item)
     try:
         clip = load_audio(item.path)
     except AudioError as error:

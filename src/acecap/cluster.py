@@ -26,6 +26,7 @@ from .annotate import (
     Progress,
     Worker,
     decode_item,
+    identity_of,
     load_captioner,
     summarise_records,
     write_txt,
@@ -67,32 +68,26 @@ class Annotator:
     """A Ray actor: the model on the card Ray gave it (its only visible one), and chunks of files in."""
 
     def __init__(self, job: Job, kind: str):
-        self.job = job
         self.captioner = load_captioner(job, kind)
         self.device_lock = threading.Lock()  # two calls run at once: one decodes files while one captions
+        self.saved: list[tuple[list[dict], dict[str, Path]]] = []  # the running call's records
+        self.worker = Worker(job, self.captioner, lambda records, relative: self.saved.append((records, relative)))
 
     def info(self) -> tuple[str, float, int]:
         device = f"{socket.gethostname()}:{self.captioner.device if self.captioner else 'cpu'}"
         return device, self.captioner.load_s if self.captioner else 0.0, os.getpid()
 
     def run(self, items: list[Item]) -> list[tuple[list[dict], dict[str, Path]]]:
-        saved: list[tuple[list[dict], dict[str, Path]]] = []
-        worker = Worker(self.job, self.captioner, lambda records, relative: saved.append((records, relative)))
         with ThreadPoolExecutor(2, thread_name_prefix="acecap-decode") as pool:
             decoded = list(pool.map(decode_item, items))
         with self.device_lock:
-            worker.run_chunk(decoded)
-        return saved
+            self.saved = []
+            self.worker.run_chunk(decoded)
+            return self.saved
 
 
 def _error_record(job: Job, item: Item, error: str) -> dict:
-    from .records import file_identity
-
-    try:
-        identity = file_identity(item.path)
-    except OSError:
-        identity = {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
-    return Worker(job, None, lambda *_: None).record(Decoded(item, identity, None, error, 0.0))
+    return Worker(job, None, lambda *_: None).record(Decoded(item, identity_of(item), None, error, 0.0))
 
 
 def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -> None:
