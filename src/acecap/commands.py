@@ -119,10 +119,20 @@ def _figures(result) -> str:
             f"audio decode {t.audio_s * 1000:.0f} ms{flags}")  # fmt: skip
 
 
-def caption_command(args: argparse.Namespace) -> int:
-    from .audio import AudioError, load_audio
+def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
+    """The model the command's model and device options name, announced on stderr once loaded."""
     from .captioner import Captioner
     from .devices import dtype_name
+
+    captioner = Captioner.from_pretrained(args.model, task=args.task, device=args.device, dtype=args.dtype,
+                                          hub=args.hub, prompt=prompt, decoder=args.decoder)  # fmt: skip
+    print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
+          f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
+    return captioner
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from .audio import AudioError, load_audio
     from .writers import check_unique_names, write_result
 
     decoding = _decoding(args)
@@ -140,17 +150,7 @@ def caption_command(args: argparse.Namespace) -> int:
             continue
         audio_s = time.perf_counter() - start
         if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
-            captioner = Captioner.from_pretrained(
-                args.model,
-                task=args.task,
-                device=args.device,
-                dtype=args.dtype,
-                hub=args.hub,
-                prompt=args.prompt,
-                decoder=args.decoder,
-            )
-            print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
-                  f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
+            captioner = _load_captioner(args, args.prompt)
         result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
         if len(args.paths) > 1:
             print(f"# {path}")
@@ -224,9 +224,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .captioner import Captioner
     from .chat import AudioAccess
-    from .devices import dtype_name
     from .serve import ServeConfig, serve
 
     if args.allow_files is not None and not args.allow_files.is_dir():
@@ -242,10 +240,5 @@ def serve_command(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
     )
-    captioner = Captioner.from_pretrained(
-        args.model, task=args.task, device=args.device, dtype=args.dtype, hub=args.hub, decoder=args.decoder
-    )
-    log.info("%s on %s (%s), loaded in %.1f s", captioner.model_name, captioner.device,
-             dtype_name(captioner.dtype), captioner.load_s)  # fmt: skip
-    serve(captioner, config, args.host, args.port)
+    serve(_load_captioner(args), config, args.host, args.port)
     return 0
