@@ -47,12 +47,17 @@ def test_compiled_decoder_gives_the_tokens_of_the_eager_one(pair):
         decoder="compiled",
     )  # fmt: skip
     decoding = Decoding(max_new_tokens=24)
-    # Three length groups, then a layout of one row: the compiled layer must serve both.
+    # Three length groups, then a layout of one row: the compiled step must serve both.
     for seconds in ([3.0, 7.5, 1.2, 12.0, 30.0], [4.0]):
         clips = noise_clips(seconds)
         ours = compiled.caption_clips(clips, decoding)
         eager = static.caption_clips(clips, decoding)
         assert [(r.text, r.tokens) for r in ours] == [(r.text, r.tokens) for r in eager]
+    # Another batch of other lengths, rows and groups reuses the compiled step: the layout is data to it.
+    clips = noise_clips([2.0, 20.0, 5.0, 9.0, 1.0, 14.0, 6.5])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ours = compiled.caption_clips(clips, decoding)
+    assert [r.text for r in ours] == [r.text for r in static.caption_clips(clips, decoding)]
 
 
 def test_prefill_logits_match_the_thinker_forward(pair):

@@ -69,7 +69,7 @@ def length_groups(capacities: list[int], slack: float = GROUP_SLACK) -> list[tup
 
 
 class Decoder:
-    """The thinker's language model run over static KV caches, one per group of similar lengths.
+    """The thinker's language model run over static KV caches, one block per group of similar lengths.
 
     Rows must come sorted by prompt length; each holds its prompt and up to `new_tokens` more.
     Audio-only prompts get sequential positions on all three rotary axes (Qwen2.5-Omni's 3-D positions
@@ -96,14 +96,18 @@ class Decoder:
         self.dtype = self.embed.weight.dtype
         device = self.embed.weight.device
         capacities = [n + new_tokens for n in prompt_lengths]
-        self.groups = length_groups(capacities)
-        self.keys, self.values = [], []  # [group][layer]: (rows in group, kv_heads, capacity, head_dim)
-        for start, end in self.groups:
-            shape = (end - start, self.kv_heads, capacities[end - 1], self.head_dim)
-            self.keys.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
-            self.values.append([torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers])
+        # Each layer's keys (and values) live in one flat tensor of group blocks, (rows, kv_heads, capacity,
+        # head_dim) each; the layout rows say where: start row, end row, capacity, offset. The layout is a
+        # tensor, not Python structure, so one compiled step serves every batch.
+        layout, size = [], 0
+        for start, end in length_groups(capacities):
+            layout.append((start, end, capacities[end - 1], size))
+            size += (end - start) * self.kv_heads * capacities[end - 1] * self.head_dim
+        self.layout = torch.tensor(layout)  # on the CPU: read by Python, never a device sync
+        self.keys = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.slots = torch.arange(capacities[-1], device=device)
-        self.layer_step = compiled_decode_layer(compile_backend) if compile_backend else decode_layer
+        self.run_step = compiled_step(compile_backend, device.type) if compile_backend else decode_step
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq
@@ -111,21 +115,17 @@ class Decoder:
         cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _place(self, row: int) -> tuple[int, int]:
-        """(group, row within the group) of a batch row."""
-        return next((g, row - start) for g, (start, end) in enumerate(self.groups) if start <= row < end)
-
     def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
         """Run one prompt's embeddings (tokens, hidden) into its cache row; the last token's logits (fp32)."""
-        group, local = self._place(row)
+        start, end, capacity, offset = next(g for g in self.layout.tolist() if g[0] <= row < g[1])
         tokens = embeds.shape[0]
         hidden = embeds[None]
         cos, sin = self._rope(self.slots[:tokens])
         repeats = self.heads // self.kv_heads
         for i, layer in enumerate(self.layers):
             q, k, v = _qkv(layer, hidden, cos, sin, self.shape)
-            self.keys[group][i][local, :, :tokens] = k[0]
-            self.values[group][i][local, :, :tokens] = v[0]
+            _block(self.keys[i], start, end, capacity, offset, k)[row - start, :, :tokens] = k[0]
+            _block(self.values[i], start, end, capacity, offset, v)[row - start, :, :tokens] = v[0]
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
             hidden = _finish(layer, hidden, out.transpose(1, 2).reshape(1, tokens, -1))
@@ -136,42 +136,75 @@ class Decoder:
 
         Shapes never change between steps, so the whole step can be captured as one CUDA graph.
         """
-        cos, sin = self._rope(lengths[:, None])  # (rows, 1, head_dim)
-        cos, sin = cos[:, None], sin[:, None]
-        visible = []  # per group: (rows, 1, 1, capacity), True up to each row's newest slot
-        for g, (start, end) in enumerate(self.groups):
-            capacity = self.keys[g][0].shape[2]
-            visible.append((self.slots[None, :capacity] <= lengths[start:end, None])[:, None, None, :])
-        hidden = self.embed(tokens)[:, None]
-        for i, layer in enumerate(self.layers):
-            keys, values = [group[i] for group in self.keys], [group[i] for group in self.values]
-            hidden = self.layer_step(layer, hidden, cos, sin, lengths, keys, values, visible, self.shape)
-        return self.head(self.norm(hidden[:, 0])).float()
+        return self.run_step(self, tokens, lengths)
 
 
-def decode_layer(layer, hidden, cos, sin, lengths, keys, values, visible, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One layer of a decode step over (rows, 1, hidden); keys, values and visible hold one tensor per group.
+def decode_step(decoder: Decoder, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One decode step of every layer; a plain function of the decoder, so that it can be compiled whole."""
+    cos, sin = decoder._rope(lengths[:, None])  # (rows, 1, head_dim)
+    cos, sin = cos[:, None], sin[:, None]
+    visible = decoder.slots[None, :] <= lengths[:, None]  # (rows, largest capacity): each row's filled slots
+    hidden = decoder.embed(tokens)[:, None]
+    for i, layer in enumerate(decoder.layers):
+        q, k, v = _qkv(layer, hidden, cos, sin, decoder.shape)
+        # Compilers see one opaque operator; eager calls skip its dispatch (~0.1 ms a call on the CPU).
+        attention = attend if torch.compiler.is_compiling() else attend_groups
+        attended = attention(
+            q, k, v, lengths, visible, decoder.keys[i], decoder.values[i], decoder.layout, layer.self_attn.scaling
+        )
+        hidden = _finish(layer, hidden, attended)
+    return decoder.head(decoder.norm(hidden[:, 0])).float()
 
-    A plain function of tensors and the checkpoint's modules, so one compiled copy serves every layer and
-    group sizes are read off tensor shapes, not burnt in as constants.
+
+def _block(cache: torch.Tensor, start: int, end: int, capacity: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A group's block of a flat layer cache, (rows, kv_heads, capacity, head_dim); `like` gives the heads."""
+    _, kv_heads, _, head_dim = like.shape
+    return cache[offset : offset + (end - start) * kv_heads * capacity * head_dim].view(
+        end - start, kv_heads, capacity, head_dim
+    )
+
+
+def attend_groups(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    visible: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    layout: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Write one step's k and v into each row's cache slot, then attend over each group's own length.
+
+    One opaque operator to compilers: the number of groups and their sizes never enter a compiled graph.
+    q: (rows, heads, 1, head_dim); k, v: (rows, kv_heads, 1, head_dim); returns (rows, 1, heads * head_dim).
     """
-    _, kv_heads, head_dim = shape
-    q, k, v = _qkv(layer, hidden, cos, sin, shape)
-    outs, start = [], 0
-    for group_keys, group_values, group_visible in zip(keys, values, visible, strict=True):
-        end = start + group_keys.shape[0]
-        index = torch.arange(end - start, device=hidden.device)
+    kv_heads, head_dim = k.shape[1], k.shape[3]
+    outs = []
+    for start, end, capacity, offset in layout.tolist():
+        group_keys = _block(keys, start, end, capacity, offset, k)
+        group_values = _block(values, start, end, capacity, offset, v)
+        index = torch.arange(end - start, device=q.device)
         group_keys[index, :, lengths[start:end]] = k[start:end, :, 0]
         group_values[index, :, lengths[start:end]] = v[start:end, :, 0]
-        # Each KV head read once for its group of query heads: no expansion to all heads. The fused kernel
-        # reads the cache once, where two matmuls and a softmax read it twice (~1.5-3x faster on the CPU).
+        # Each KV head read once for its group of query heads (no expansion to all heads), by the fused
+        # kernel, which reads the cache once where two matmuls and a softmax read it twice.
         query = q[start:end].reshape(end - start, kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(
-            query, group_keys, group_values, attn_mask=group_visible, scale=layer.self_attn.scaling
+            query, group_keys, group_values, attn_mask=visible[start:end, None, None, :capacity], scale=scale
         )
         outs.append(out.reshape(end - start, 1, -1))
-        start = end
-    return _finish(layer, hidden, torch.cat(outs) if len(outs) > 1 else outs[0])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+attend = torch.library.custom_op("acecap::attend", attend_groups, mutates_args=("keys", "values"))
+
+
+@attend.register_fake
+def _(q, k, v, lengths, visible, keys, values, layout, scale):
+    rows, heads, _, head_dim = q.shape
+    return q.new_empty(rows, 1, heads * head_dim)
 
 
 def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int]):
@@ -193,9 +226,18 @@ def _finish(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor
 
 
 @functools.cache
-def compiled_decode_layer(backend: str):
-    """decode_layer compiled once per process: shapes dynamic, so new batch layouts rarely recompile."""
-    return torch.compile(decode_layer, backend=backend, dynamic=True)
+def compiled_step(backend, device_type: str):
+    """decode_step compiled once per process: shapes dynamic, the batch layout a tensor, so batches reuse it."""
+    compiled = torch.compile(decode_step, backend=backend, dynamic=True)
+    config = devices.compile_config(device_type)
+
+    def run(decoder: Decoder, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Both read while tracing, inside the call. Without duck sizing, a batch whose group count equals
+        # its row count would tie the two sizes, and the next batch would compile again.
+        with torch._inductor.config.patch(config), torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(decoder, tokens, lengths)
+
+    return run
 
 
 class GraphedStep:
