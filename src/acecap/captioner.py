@@ -111,8 +111,8 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
 
-        `decoder`: "static" (static KV cache, each clip prefilled unpadded), "compiled" (the same, each
-        layer's decode step compiled by torch.compile), "graphs" (the static step replayed as a CUDA graph),
+        `decoder`: "static" (static KV cache, each clip prefilled unpadded), "compiled" (the same, the whole
+        decode step compiled by torch.compile once per process; on the CPU minutes of compiling first), "graphs" (the static step replayed as a CUDA graph),
         "transformers" (the library's generate(): the slower reference), or "auto" (graphs on CUDA, else
         static).
         """
