@@ -112,9 +112,9 @@ class Captioner:
         """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
 
         `decoder`: "static" (static KV cache, each clip prefilled unpadded), "compiled" (the same, the whole
-        decode step compiled by torch.compile once per process; on the CPU minutes of compiling first), "graphs" (the static step replayed as a CUDA graph),
-        "transformers" (the library's generate(): the slower reference), or "auto" (graphs on CUDA, else
-        static).
+        decode step compiled by torch.compile once per process; on the CPU minutes of compiling first),
+        "graphs" (the static step replayed as a CUDA graph), "transformers" (the library's generate(): the
+        slower reference), or "auto" (graphs on CUDA, else static).
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
