@@ -104,6 +104,12 @@ class Decoder:
             layout.append((start, end, capacities[end - 1], size))
             size += (end - start) * self.kv_heads * capacities[end - 1] * self.head_dim
         self.layout = torch.tensor(layout)  # on the CPU: read by Python, never a device sync
+        # Where each row's block starts in the flat cache, and its capacity: so that a step's writes are one
+        # index_copy_ per layer, inside a compiled graph rather than in the attention operator.
+        rows = [(offset + (row - start) * self.kv_heads * capacity * self.head_dim, capacity)
+                for start, end, capacity, offset in layout for row in range(start, end)]  # fmt: skip
+        self.row_start = torch.tensor([first for first, _ in rows], device=device)
+        self.row_capacity = torch.tensor([capacity for _, capacity in rows], device=device)
         self.keys = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.slots = torch.arange(capacities[-1], device=device)
@@ -144,16 +150,27 @@ def decode_step(decoder: Decoder, tokens: torch.Tensor, lengths: torch.Tensor) -
     cos, sin = decoder._rope(lengths[:, None])  # (rows, 1, head_dim)
     cos, sin = cos[:, None], sin[:, None]
     visible = decoder.slots[None, :] <= lengths[:, None]  # (rows, largest capacity): each row's filled slots
+    written = _cache_places(decoder, lengths)
     # Compilers see one opaque operator; eager calls skip its dispatch (~0.1 ms a call on the CPU).
     attention = attend if torch.compiler.is_compiling() else attend_groups
     hidden = decoder.embed(tokens)[:, None]
     for i, layer in enumerate(decoder.layers):
         q, k, v = _qkv(layer, hidden, cos, sin, decoder.shape)
-        attended = attention(
-            q, k, v, lengths, visible, decoder.keys[i], decoder.values[i], decoder.layout, layer.self_attn.scaling
-        )
+        keys, values = decoder.keys[i], decoder.values[i]
+        keys.index_copy_(0, written, k.flatten())
+        values.index_copy_(0, written, v.flatten())
+        query = q.reshape(len(tokens), decoder.kv_heads, -1, decoder.head_dim)
+        attended = attention(query, visible, keys, values, decoder.layout, layer.self_attn.scaling)
         hidden = _finish(layer, hidden, attended)
     return decoder.head(decoder.norm(hidden[:, 0])).float()
+
+
+def _cache_places(decoder: Decoder, lengths: torch.Tensor) -> torch.Tensor:
+    """Where each element of a step's keys (rows, kv_heads, 1, head_dim), flattened, goes in a flat layer cache."""
+    heads = torch.arange(decoder.kv_heads, device=lengths.device)[:, None]
+    slots = heads * decoder.row_capacity[:, None, None] + lengths[:, None, None]  # (rows, kv_heads, 1)
+    dims = torch.arange(decoder.head_dim, device=lengths.device)
+    return (decoder.row_start[:, None, None] + slots * decoder.head_dim + dims).flatten()
 
 
 def _block(cache: torch.Tensor, start: int, end: int, capacity: int, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -165,46 +182,38 @@ def _block(cache: torch.Tensor, start: int, end: int, capacity: int, offset: int
 
 
 def attend_groups(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
+    query: torch.Tensor,
     visible: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     layout: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Write one step's k and v into each row's cache slot, then attend over each group's own length.
+    """Attend over each group's own length of a layer's flat cache, this step's keys and values already in it.
 
     One opaque operator to compilers: the number of groups and their sizes never enter a compiled graph.
-    q: (rows, heads, 1, head_dim); k, v: (rows, kv_heads, 1, head_dim); returns (rows, 1, heads * head_dim).
+    query: (rows, kv_heads, heads per KV head, head_dim), so that each KV head is read once for its group of
+    query heads (no expansion to all heads); returns (rows, 1, heads * head_dim).
     """
-    kv_heads, head_dim = k.shape[1], k.shape[3]
     outs = []
     for start, end, capacity, offset in layout.tolist():
-        group_keys = _block(keys, start, end, capacity, offset, k)
-        group_values = _block(values, start, end, capacity, offset, v)
-        index = torch.arange(end - start, device=q.device)
-        group_keys[index, :, lengths[start:end]] = k[start:end, :, 0]
-        group_values[index, :, lengths[start:end]] = v[start:end, :, 0]
-        # Each KV head read once for its group of query heads (no expansion to all heads), by the fused
-        # kernel, which reads the cache once where two matmuls and a softmax read it twice.
-        query = q[start:end].reshape(end - start, kv_heads, -1, head_dim)
+        group_keys = _block(keys, start, end, capacity, offset, query)
+        group_values = _block(values, start, end, capacity, offset, query)
+        # The fused kernel reads the cache once, where two matmuls and a softmax read it twice.
         out = F.scaled_dot_product_attention(
-            query, group_keys, group_values, attn_mask=visible[start:end, None, None, :capacity], scale=scale
+            query[start:end], group_keys, group_values, attn_mask=visible[start:end, None, None, :capacity], scale=scale
         )
         outs.append(out.reshape(end - start, 1, -1))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-attend = torch.library.custom_op("acecap::attend", attend_groups, mutates_args=("keys", "values"))
+attend = torch.library.custom_op("acecap::attend", attend_groups, mutates_args=())
 
 
 @attend.register_fake
-def _(q, k, v, lengths, visible, keys, values, layout, scale):
-    rows, heads, _, head_dim = q.shape
-    return q.new_empty(rows, 1, heads * head_dim)
+def _(query, visible, keys, values, layout, scale):
+    rows, kv_heads, group, head_dim = query.shape
+    return query.new_empty(rows, 1, kv_heads * group * head_dim)
 
 
 def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int]):
