@@ -1,11 +1,13 @@
 """The annotate benchmark: the seed's pipeline against `acecap annotate`, same model, same clips, one process.
 
 (a) seed: one clip per `generate`, the processor's default padding of every clip to 300 s.
-(b) acecap: `annotate()` as the command line runs it: prefetch, length-sorted batches, padding to the batch.
-Both decode exactly --tokens tokens per clip (end token ignored) with greedy search, so they do the same
+(b) acecap: `annotate()` as the command line runs it: prefetch, length-sorted batches, padding to the batch;
+    once per decoder in --decoders (a compiled decoder's compile time counts: it is part of the job).
+All decode exactly --tokens tokens per clip (end token ignored) with greedy search, so they do the same
 work. Model loading is timed apart and left out of the rates.
 
     python benchmarks/annotate.py                                    # small shape, 32 clips of 5–240 s
+    python benchmarks/annotate.py --dtype bf16 --decoders static,compiled   # seed, eager and compiled
     python benchmarks/annotate.py --shape tiny --clips 3 --longest 3 --tokens 4 -o /tmp/bench  # smoke run
 
 Writes annotate.json and annotate.md into -o (default benchmarks/results).
@@ -27,6 +29,7 @@ from acecap import Decoding, devices
 from acecap.annotate import Job, annotate
 from acecap.audio import load_audio
 from acecap.bench import environment
+from acecap.decode import DECODERS
 from acecap.model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 from acecap.tiny import write_tiny
 
@@ -101,6 +104,7 @@ def acecap_annotate(
 
 
 def rates(name: str, files: int, audio_seconds: float, wall_s: float, load_s: float) -> dict:
+    """A pipeline's counts over its measured time."""
     return {
         "pipeline": name,
         "files": files,
@@ -114,26 +118,26 @@ def rates(name: str, files: int, audio_seconds: float, wall_s: float, load_s: fl
 
 def markdown(report: dict) -> str:
     rows = [
-        "| pipeline | files | audio (s) | wall (s, load excluded) | audio-s/s | files/min |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| pipeline | files | audio (s) | wall (s, load excluded) | audio-s/s | files/min | × seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side in report["runs"]:
         rows.append(
             f"| {side['pipeline']} | {side['files']} | {side['audio_seconds']:.0f} | {side['wall_s']:.1f} | "
-            f"{side['audio_seconds_per_s']:.2f} | {side['files_per_min']:.2f} |"
+            f"{side['audio_seconds_per_s']:.2f} | {side['files_per_min']:.2f} | {side['speedup']:.2f}× |"
         )
     setup = report["setup"]
     return "\n".join(
         [
             f"Machine: {setup['machine']}; torch {setup['torch']}, transformers {setup['transformers']}.",
             f"Model: random weights, `{setup['shape']}` shape ({setup['parameters'] / 1e6:.0f} M thinker parameters), "
-            f"{setup['dtype']} on {setup['device']}, acecap's decoder {setup['decoder']}; "
+            f"{setup['dtype']} on {setup['device']}; "
             f"{setup['tokens']} tokens decoded per clip; {setup['clips']} clips of "
             f"{setup['shortest']}–{setup['longest']} s (log-spaced lengths).",
             "",
             *rows,
             "",
-            f"**acecap / seed: {report['ratio']:.2f}×** audio-seconds per second.",
+            "× seed: audio-seconds per second over the seed pipeline's.",
         ]
     )
 
@@ -149,10 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--longest", type=float, default=240.0, help="seconds")
     parser.add_argument("--tokens", type=int, default=200, help="tokens decoded per clip, on both sides")
     parser.add_argument("--batch-size", type=int, help="acecap's batch size (default: acecap's own)")
-    parser.add_argument("--decoder", default="auto", choices=["auto", "static", "compiled", "graphs", "transformers"],
-                        help="acecap's decoder (default auto: graphs on CUDA, else static)")  # fmt: skip
+    parser.add_argument("--decoders", type=lambda text: text.split(","), default=["auto"],
+                        help="acecap's decoders, comma-separated, one run each (default auto: graphs on CUDA, "
+                             f"else static); of {', '.join(DECODERS)}")  # fmt: skip
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    unknown = [decoder for decoder in args.decoders if decoder not in DECODERS]
+    if unknown:
+        parser.error(f"unknown decoder {', '.join(unknown)}: use {', '.join(DECODERS)}")
 
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             **environment(device, dtype),
             "shape": args.shape,
             "tokens": args.tokens,
-            "decoder": args.decoder,
+            "decoders": args.decoders,
             "clips": args.clips,
             "shortest": args.shortest,
             "longest": args.longest,
@@ -175,17 +183,20 @@ def main(argv: list[str] | None = None) -> dict:
         scratch = Path(scratch)
         model = write_tiny(scratch / "model", shape=args.shape, device=str(device))
         report["setup"]["parameters"] = resident_parameters(model)
-        (scratch / "clips").mkdir()
-        paths = write_clips(scratch / "clips", lengths)
+        clips = scratch / "clips"
+        clips.mkdir()
+        paths = write_clips(clips, lengths)
         # Each side's figures are written as soon as it ends, so that a run cut short keeps them.
-        ours = acecap_annotate(
-            model, scratch / "clips", scratch / "out", args.tokens, args.batch_size, args.decoder, device, dtype
-        )
-        report["runs"].append(ours)
-        (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
+        for decoder in args.decoders:
+            output = scratch / f"out-{decoder}"
+            report["runs"].append(
+                acecap_annotate(model, clips, output, args.tokens, args.batch_size, decoder, device, dtype)
+            )
+            (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
         seed = seed_pipeline(model, paths, args.tokens, device, dtype)
         report["runs"].insert(0, seed)
-    report["ratio"] = ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"]
+    for run in report["runs"]:
+        run["speedup"] = run["audio_seconds_per_s"] / seed["audio_seconds_per_s"]
     (args.output_dir / "annotate.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.output_dir / "annotate.md").write_text(markdown(report) + "\n")
     print(markdown(report))

@@ -22,16 +22,23 @@ def test_annotate_benchmark_runs_and_computes_its_rates(tmp_path):
     bench = load_program("annotate")
     assert bench.clip_lengths(5, 5, 80) == [5.0, 10.0, 20.0, 40.0, 80.0]
     args = ["--shape", "tiny", "--clips", "3", "--shortest", "1", "--longest", "2", "--tokens", "3"]
-    report = bench.main([*args, "-o", str(tmp_path)])
+    report = bench.main([*args, "--decoders", "static,transformers", "-o", str(tmp_path)])
     assert report == json.loads((tmp_path / "annotate.json").read_text())
-    seed, ours = report["runs"]
-    for run in (seed, ours):
+    seed, static, transformers = report["runs"]
+    assert [run["pipeline"] for run in report["runs"]] == [
+        "seed pipeline",
+        "acecap annotate (static decoder)",
+        "acecap annotate (transformers decoder)",
+    ]
+    table = (tmp_path / "annotate.md").read_text()
+    for run in (seed, static, transformers):
         assert run["files"] == 3
         assert run["audio_seconds"] == pytest.approx(sum(report["setup"]["lengths"]), abs=0.01)
         assert run["audio_seconds_per_s"] == pytest.approx(run["audio_seconds"] / run["wall_s"])
         assert run["files_per_min"] == pytest.approx(run["files"] / run["wall_s"] * 60)
-    assert report["ratio"] == pytest.approx(ours["audio_seconds_per_s"] / seed["audio_seconds_per_s"])
-    assert f"{report['ratio']:.2f}×" in (tmp_path / "annotate.md").read_text()
+        assert run["speedup"] == pytest.approx(run["audio_seconds_per_s"] / seed["audio_seconds_per_s"])
+        assert f"| {run['speedup']:.2f}× |" in table
+    assert seed["speedup"] == 1.0
 
 
 def test_encoder_benchmark_runs_and_agrees_with_the_library(tmp_path):
