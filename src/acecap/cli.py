@@ -62,7 +62,7 @@ def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False,
     group.add_argument("--decoder", default="auto", choices=["auto", "static", "compiled", "graphs", "transformers"],
                        help="static: static KV cache, each clip prefilled unpadded; compiled: the same with the "
                        "whole decode step compiled by torch.compile (inductor, and on CUDA replayed as a CUDA "
-                       "graph; torchair on Ascend; on CPU ~2 min to compile per kind of batch, then up to 1.7x "
+                       "graph; torchair on Ascend; on CPU ~2 min to compile per kind of batch, then up to 1.8x "
                        "faster decoding in bf16: for long jobs); "
                        "graphs: the static step replayed as a CUDA graph; "
                        "transformers: the library's generate() (slower; the reference). "
