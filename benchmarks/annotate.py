@@ -29,7 +29,7 @@ from acecap import Decoding, devices
 from acecap.annotate import Job, annotate
 from acecap.audio import load_audio
 from acecap.bench import environment
-from acecap.decode import DECODERS
+from acecap.decode import DECODERS, choose_decoder
 from acecap.model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
 from acecap.tiny import write_tiny
 
@@ -158,12 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
                              f"else static); of {', '.join(DECODERS)}")  # fmt: skip
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    unknown = [decoder for decoder in args.decoders if decoder not in DECODERS]
-    if unknown:
-        parser.error(f"unknown decoder {', '.join(unknown)}: use {', '.join(DECODERS)}")
 
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
+    try:  # every decoder checked before minutes of work: unknown, or not for this device
+        args.decoders = [choose_decoder(decoder, device) for decoder in args.decoders]
+    except ValueError as error:
+        parser.error(str(error))
     lengths = clip_lengths(args.clips, args.shortest, args.longest)
     report = {
         "setup": {
