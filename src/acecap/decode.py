@@ -99,17 +99,19 @@ class Decoder:
         # Each layer's keys (and values) live in one flat tensor of group blocks, (rows, kv_heads, capacity,
         # head_dim) each; the layout rows say where: start row, end row, capacity, offset. The layout is a
         # tensor, not Python structure, so one compiled step serves every batch.
-        layout, size = [], 0
+        # Each row's own block start and capacity too, so that a step's writes are one index_copy_ per layer,
+        # inside a compiled graph rather than in the attention operator.
+        layout, size, row_start, row_capacity = [], 0, [], []
         for start, end in length_groups(capacities):
-            layout.append((start, end, capacities[end - 1], size))
-            size += (end - start) * self.kv_heads * capacities[end - 1] * self.head_dim
+            capacity = capacities[end - 1]
+            row_size = self.kv_heads * capacity * self.head_dim
+            layout.append((start, end, capacity, size))
+            row_start += [size + row * row_size for row in range(end - start)]
+            row_capacity += [capacity] * (end - start)
+            size += (end - start) * row_size
         self.layout = torch.tensor(layout)  # on the CPU: read by Python, never a device sync
-        # Where each row's block starts in the flat cache, and its capacity: so that a step's writes are one
-        # index_copy_ per layer, inside a compiled graph rather than in the attention operator.
-        rows = [(offset + (row - start) * self.kv_heads * capacity * self.head_dim, capacity)
-                for start, end, capacity, offset in layout for row in range(start, end)]  # fmt: skip
-        self.row_start = torch.tensor([first for first, _ in rows], device=device)
-        self.row_capacity = torch.tensor([capacity for _, capacity in rows], device=device)
+        self.row_start = torch.tensor(row_start, device=device)
+        self.row_capacity = torch.tensor(row_capacity, device=device)
         self.keys = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.slots = torch.arange(capacities[-1], device=device)
