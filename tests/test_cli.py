@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import run_acecap
@@ -95,3 +97,27 @@ def test_help_teaches():
     assert result.returncode == 0
     for flag in ("--model", "--hub", "--device", "--dtype", "--max-new-tokens", "--max-duration", "--prompt", "-f"):
         assert flag in result.stdout
+
+
+def test_the_command_line_answers_without_loading_torch():
+    """--version, --help and usage errors must not wait for torch and transformers (seconds to import)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from acecap.cli import main\n"
+        "for argv in (['--version'], ['annotate', '--help'], ['annotate']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_api_loads_on_first_use():
+    probe = "import sys, acecap; assert 'torch' not in sys.modules; print(acecap.Decoding().max_new_tokens)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "512"
