@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--ref", default="cpu:fp32", help="reference side, DEVICE:DTYPE (default cpu:fp32)")
     compare.add_argument("--cand", default="auto:auto",
                          help="candidate side, DEVICE:DTYPE, like npu:0:bf16 or cpu:bf16 (default auto:auto: "
-                         "the best device in its usual dtype)")  # fmt: skip
+                         "the best device in its usual dtype; cpu:bf16 where the CPU is the best device)")  # fmt: skip
     compare.add_argument("--no-suite", action="store_true", help="only the files given, not the built-in clips")
     compare.add_argument("--max-new-tokens", type=int, default=128, help="tokens each side generates (default 128)")
     compare.add_argument("--save-logits", action="store_true",

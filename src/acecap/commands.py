@@ -193,7 +193,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def compare_command(args: argparse.Namespace) -> int:
     from .audio import AudioError, load_audio
-    from .compare import builtin_suite, check_both_fit, compare, compare_results, parse_side
+    from .compare import builtin_suite, check_both_fit, choose_sides, compare, compare_results
     from .generate import Decoding
     from .inputs import discover
     from .precision_report import verdict, write_report, write_text_report
@@ -204,7 +204,7 @@ def compare_command(args: argparse.Namespace) -> int:
             raise ValueError("to compare saved runs give exactly two result files: REFERENCE.json CANDIDATE.json")
         line, status = write_text_report(compare_results(*saved), *saved, args.output_dir), 0
     else:
-        reference, candidate = parse_side(args.ref), parse_side(args.cand)
+        reference, candidate = choose_sides(args.ref, args.cand)
         clips = [] if args.no_suite else builtin_suite()
         for item in discover(args.paths):
             try:
@@ -218,8 +218,8 @@ def compare_command(args: argparse.Namespace) -> int:
         results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
         line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
         status = 1 if verdict(results) == "fail" else 0
-    print((args.output_dir / "report.md").read_text(), end="")
     print(line, file=sys.stderr)
+    print(f"report: {args.output_dir / 'report.md'}", file=sys.stderr)
     return status
 
 

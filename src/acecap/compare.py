@@ -53,6 +53,27 @@ def parse_side(text: str) -> Side:
     return Side(device, dtype)
 
 
+DEFAULT_REFERENCE, DEFAULT_CANDIDATE = "cpu:fp32", "auto:auto"
+
+
+def resolve_side(side: Side) -> Side:
+    """The side as it will run, `auto` made concrete, so that reports name what ran."""
+    device = devices.resolve_device(side.device)
+    return Side(str(device), devices.dtype_name(devices.resolve_dtype(side.dtype, device)))
+
+
+def choose_sides(reference: str = DEFAULT_REFERENCE, candidate: str = DEFAULT_CANDIDATE) -> tuple[Side, Side]:
+    """Both sides, resolved. Where the default candidate is the reference itself (a host with no accelerator),
+    the candidate becomes bf16 on that device: what half precision costs there, not a comparison with itself."""
+    ref, cand = resolve_side(parse_side(reference)), resolve_side(parse_side(candidate))
+    if cand == ref and candidate == DEFAULT_CANDIDATE and ref.dtype == "fp32":
+        cand = Side(ref.device, "bf16")
+    if cand == ref:
+        raise ValueError(f"both sides are {ref}: a model compared with itself agrees by construction; give --cand "
+                         "another device or dtype (cpu:bf16, cuda:bf16, npu:0:bf16)")  # fmt: skip
+    return ref, cand
+
+
 def builtin_suite(long_seconds: float = 60.0) -> list[Clip]:
     """Clips made on the fly: the seed's 5 s sawtooth, two pure tones, a chord progression, a drum loop,
     noise, near-silence and a long clip of all of them."""
@@ -244,10 +265,33 @@ def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption
             ) from None
 
 
+def record_text(record: dict) -> str | None:
+    """What the model wrote, in any record acecap saves: `caption -f json/jsonl` keeps it under `text`;
+    annotate under the task's name (for lyrics the model's own text, before parsing, is `raw_lyrics`)."""
+    for key in ("text", "raw_lyrics", record.get("task") or "caption"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return None
+
+
+def unique_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest tail of folder names that no other path shares (song.wav, or a/song.wav)."""
+    parts = {path: Path(path).parts for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for depth in range(1, len(own) + 1):
+            tail = own[-depth:]
+            if all(other[-depth:] != tail for key, other in parts.items() if key != path):
+                break
+        names[path] = "/".join(tail)
+    return names
+
+
 def read_results(path: Path) -> dict[str, dict]:
     """Records of a caption or annotate run (a .json record or list, or .jsonl), by file name and task.
 
-    Runs made on other machines hold other absolute paths, so records pair up by file name.
+    Runs made on other machines hold other absolute paths, so records pair up by file name (with as many
+    of its folders as it takes to tell two files of one name apart).
     """
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -255,12 +299,9 @@ def read_results(path: Path) -> dict[str, dict]:
     else:
         loaded = json.loads(text)
         records = loaded if isinstance(loaded, list) else [loaded]
-    named = {}
-    for record in records:
-        if record.get("error") is None and "text" in record:
-            name = Path(record.get("path") or record["source"]).name
-            named[f"{name} ({record.get('task', 'caption')})"] = record
-    return named
+    usable = [r for r in records if isinstance(r, dict) and r.get("error") is None and record_text(r) is not None]
+    names = unique_names([str(r.get("path") or r["source"]) for r in usable])
+    return {f"{names[str(r.get('path') or r['source'])]} ({r.get('task', 'caption')})": r for r in usable}
 
 
 def compare_results(reference: Path, candidate: Path) -> list[dict]:
@@ -269,6 +310,8 @@ def compare_results(reference: Path, candidate: Path) -> list[dict]:
     shared = [name for name in ref if name in cand]
     if not shared:
         raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
-    results = [{"clip": name, "generation": text_metrics(ref[name]["text"], cand[name]["text"])} for name in shared]
+    results = [
+        {"clip": name, "generation": text_metrics(record_text(ref[name]), record_text(cand[name]))} for name in shared
+    ]
     add_semantic(results)
     return results
