@@ -121,3 +121,16 @@ def test_the_package_api_loads_on_first_use():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "512"
+
+
+def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
+    """No weight-loading bar under --quiet or in caption, and no config warnings about the unused talker."""
+    annotate = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), "--model",
+                          str(tiny_model), "--max-new-tokens", "3", "--quiet")  # fmt: skip
+    caption = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--max-new-tokens", "3")
+    for result in (annotate, caption):
+        assert result.returncode == 0, result.stderr
+        assert "Loading weights" not in result.stderr and "Model config" not in result.stderr
+    writer = subprocess.run([sys.executable, "-m", "acecap.tiny", str(tmp_path / "tiny")], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert writer.returncode == 0 and writer.stderr == "" and writer.stdout.strip() == str(tmp_path / "tiny")

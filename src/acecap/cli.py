@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    if quiet:  # its "Loading weights" bar too
+        transformers_logging.disable_progress_bar()
     # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
     from .commands import annotate_command, bench_command, caption_command, compare_command, say_error, serve_command
     from .devices import DeviceError

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,8 @@ class CheckpointError(RuntimeError):
 
 def thinker_config(folder: str | Path) -> Qwen2_5OmniThinkerConfig:
     """The thinker's config from a full (or thinker-only) checkpoint's config.json."""
-    return Qwen2_5OmniThinkerConfig.from_pretrained(folder)
+    with quiet_token_id_checks():
+        return Qwen2_5OmniThinkerConfig.from_pretrained(folder)
 
 
 def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
@@ -77,8 +80,27 @@ def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype) -
     return model.eval()
 
 
+class _TalkerTokenIds(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "must be `None` or an integer within the vocabulary" not in record.getMessage()
+
+
+@contextmanager
+def quiet_token_id_checks():
+    """transformers 5.x checks every sub-config's token ids against a vocabulary, and the full checkpoint's
+    configs name the thinker's audio and talker ids (151647 and up) beside the talker's 8,448-token vocabulary.
+    The checkpoint is as released and acecap never loads the talker: those seven warnings say nothing."""
+    config_log, quiet = logging.getLogger("transformers.configuration_utils"), _TalkerTokenIds()
+    config_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        config_log.removeFilter(quiet)
+
+
 def load_processor(folder: str | Path) -> Qwen2_5OmniProcessor:
-    return Qwen2_5OmniProcessor.from_pretrained(folder)
+    with quiet_token_id_checks():  # the tokenizer's loader reads the whole config.json
+        return Qwen2_5OmniProcessor.from_pretrained(folder)
 
 
 def render_prompt(processor: Qwen2_5OmniProcessor, prompt: str) -> str:
