@@ -134,3 +134,13 @@ def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
     writer = subprocess.run([sys.executable, "-m", "acecap.tiny", str(tmp_path / "tiny")], capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert writer.returncode == 0 and writer.stderr == "" and writer.stdout.strip() == str(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize(
+    ("shard", "says"),
+    [("4/4", "numbered from 0, so the last of 4 is 3/4"), ("1-4", "use i/N"), ("2/0", "use i/N")],
+)
+def test_a_shard_out_of_range_says_how_shards_count(tmp_path, shard, says):
+    result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--shard", shard)
+    assert says in one_error_line(result)
+    assert result.returncode == 2

@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--overwrite", action="store_true", help="redo what earlier runs finished; replace values in existing sidecars"
     )
-    group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
+    group.add_argument("--shard", metavar="i/N",
+                       help="only this machine's share of the files, numbered from 0: 0/N ... (N-1)/N (a Slurm "
+                       "array --array=0-7 passes --shard $SLURM_ARRAY_TASK_ID/8; Kubernetes indexed jobs "
+                       "$JOB_COMPLETION_INDEX/8)")  # fmt: skip
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
     group = annotate.add_argument_group("Ray cluster (pip install 'acecap[ray]')")
     group.add_argument(

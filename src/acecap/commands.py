@@ -13,11 +13,15 @@ log = logging.getLogger("acecap")
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
+    """`i/N`, numbered from 0 as Slurm arrays (--array=0-7) and Kubernetes indexed jobs number their tasks."""
     if text is None:
         return None
     index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    if not (index.isdigit() and count.isdigit() and 0 < int(count)):
         raise ValueError(f"--shard {text!r}: use i/N with 0 <= i < N, like 0/4")
+    if int(index) >= int(count):
+        raise ValueError(f"--shard {text}: shards are numbered from 0, so the last of {count} is "
+                         f"{int(count) - 1}/{count}; from a 1-based index use --shard $((i - 1))/{count}")  # fmt: skip
     return int(index), int(count)
 
 
