@@ -2,6 +2,7 @@
 from the tokens and logits it dumps."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -162,3 +163,23 @@ def test_default_sides_never_compare_a_side_with_itself():
         choose_sides("cpu:fp32", "cpu:fp32")
     with pytest.raises(ValueError, match="both sides are cpu:bf16"):
         choose_sides("cpu:bf16", "cpu:bf16")
+
+
+def test_plots_draw_any_file_name(tiny_model, tmp_path):
+    from acecap.audio import Clip
+    from acecap.plotting import _drawable_codepoints, label
+    from acecap.precision_report import write_report
+
+    assert label("song 1.wav") == "song 1.wav"
+    assert all(ord(ch) in _drawable_codepoints() or ch.isspace() for ch in label("曲 🎵 ümlaut.wav"))
+    clip = builtin_suite(long_seconds=20)[0]
+    named = Clip(clip.samples, "曲 🎵 ümlaut.wav")
+    results, runs = compare(tiny_model, Side("cpu", "fp32"), Side("cpu", "bf16"), [named], Decoding(max_new_tokens=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(results, Side("cpu", "fp32"), Side("cpu", "bf16"), runs, tmp_path)
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert "曲 🎵 ümlaut.wav" in (tmp_path / "report.md").read_text()  # the report keeps the name itself
+    for plot in ("layer_cosine.png", "kl_per_step.png"):
+        with Image.open(tmp_path / plot) as image:
+            assert image.size[0] > 500
