@@ -96,7 +96,7 @@ def _entries(records: list[dict]) -> list[Entry]:
     if len(paths) == 1 or common in paths:
         common = os.path.dirname(common)
     entries = []
-    for index, (path, group) in enumerate(by_path.items()):
+    for index, (path, group) in enumerate(sorted(by_path.items())):  # ids by path: the same on every start
         song = songs.get(path)
         meta = next((r for r in group if r["task"] == "meta" and not r.get("error")), {})
         confidence = {key: meta.get(f"{key}_confidence") for key in CONFIDENCES}

@@ -74,19 +74,19 @@ async function load() {
   }
 }
 
-function change(update, push = false) {
+let typing;
+
+function change(update, push = false, wait = 0) {
   update(state);
   for (const [key, value] of [...state]) if (value === "") state.delete(key);
   history[push ? "pushState" : "replaceState"](null, "", `?${state}`);
-  load();
+  clearTimeout(typing);
+  typing = setTimeout(load, wait); // typing waits for a pause before asking the server
 }
 
-let typing;
 form.addEventListener("input", (event) => {
   const name = event.target.name;
-  clearTimeout(typing);
-  typing = setTimeout(() => change((s) => { s.set(name, event.target.value); s.delete("page"); }),
-    name === "q" || name === "below" ? 200 : 0);
+  change((s) => { s.set(name, event.target.value); s.delete("page"); }, false, name === "q" || name === "below" ? 200 : 0);
 });
 form.addEventListener("submit", (event) => event.preventDefault());
 
