@@ -60,7 +60,9 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
     for record in records:
         if record.get("error") or record["path"] not in relative:
             continue
-        song = songs.setdefault(record["path"], Song(Path(record["path"]), relative[record["path"]]))
+        song = songs.get(record["path"])
+        if song is None:  # one Song (and Path) per file, not one per record
+            song = songs[record["path"]] = Song(Path(record["path"]), relative[record["path"]])
         song.duration = record.get("duration") or song.duration
         if record["task"] == "caption":
             song.caption = record["caption"]
