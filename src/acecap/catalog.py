@@ -8,6 +8,7 @@ answers in milliseconds.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,6 @@ class Entry:
 
     id: int
     path: str  # as the records name it: the key of its reviews
-    audio: Path
     shown: str  # the path as the table shows it, under the records' common folder
     duration: float | None
     machine: dict  # FIELDS → the records' values
@@ -42,6 +42,10 @@ class Entry:
     errors: dict[str, str]  # task → why it failed
     models: dict[str, str]  # task → the model (or analysis library) that wrote it
     review: dict | None = None
+
+    @property
+    def audio(self) -> Path:
+        return audio_path({"path": self.path})
 
     @property
     def status(self) -> str:
@@ -90,14 +94,16 @@ def _entries(records: list[dict]) -> list[Entry]:
     by_path: dict[str, list[dict]] = {}
     for record in records:
         by_path.setdefault(record["path"], []).append(record)
-    songs = {str(s.audio): s for s in songs_from_records(records, {p: Path(p) for p in by_path})}
+    # The table needs each song's fields, not where its sidecars would be mirrored: one shared relative path.
+    songs = {str(s.audio): s for s in songs_from_records(records, dict.fromkeys(by_path, Path()))}
     paths = list(by_path)
     common = os.path.commonpath(paths) if paths else ""
     if len(paths) == 1 or common in paths:
         common = os.path.dirname(common)
+    cut = len(common.rstrip(os.sep)) + 1 if common else 0  # every path starts with common and a separator
     entries = []
     for index, (path, group) in enumerate(sorted(by_path.items())):  # ids by path: the same on every start
-        song = songs.get(path)
+        song = songs.get(path)  # record paths are normalised (abspath), as str(Path(path)) is
         meta = next((r for r in group if r["task"] == "meta" and not r.get("error")), {})
         confidence = {key: meta.get(f"{key}_confidence") for key in CONFIDENCES}
         flags = [
@@ -116,14 +122,13 @@ def _entries(records: list[dict]) -> list[Entry]:
             Entry(
                 id=index,
                 path=path,
-                audio=audio_path(group[0]),
-                shown=os.path.relpath(path, common) if common else path,
+                shown=path[cut:],
                 duration=next((r["duration"] for r in group if r.get("duration")), None),
                 machine={key: getattr(song, key) if song else None for key in FIELDS},
                 confidence=confidence,
                 flags=flags,
                 errors={r["task"]: r["error"] for r in group if r.get("error")},
-                models={r["task"]: r.get("model") for r in group},
+                models={r["task"]: sys.intern(r.get("model") or "") for r in group},  # a few names, 100,000 times
             )
         )
     return entries
