@@ -9,6 +9,7 @@ token, given once in the URL (as Jupyter does) and then kept in a cookie, or as 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .audio import AudioError, load_audio
 from .catalog import FLAGS, PAGE_SIZES, SORTS, STATUSES, Catalog, Entry, Query
-from .reviews import append_review, check_fields, write_to_acestep_files
+from .reviews import DatasetFiles, append_review, check_fields, write_sidecar_changes
 from .writers import atomic_write
 
 log = logging.getLogger("acecap")
@@ -159,9 +160,17 @@ def render_image(path: Path, width: int = IMAGE_SIZE[0], height: int = IMAGE_SIZ
 def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True) -> FastAPI:
     """The review app over `catalog`. `token`: required of every request (URL, cookie or bearer header);
     `loopback`: the server listens on a loopback address, so only requests addressed to one are answered."""
-    app = FastAPI(title="acecap review", docs_url=None, redoc_url=None, openapi_url=None)
+    dataset_files = DatasetFiles(catalog.folder)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(dataset_files.close)  # what is still pending is written before the server ends
+
+    app = FastAPI(title="acecap review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.dataset_files = dataset_files
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    saving = threading.Lock()  # one save at a time: the review line, the index and the ACE-Step files agree
+    saving = threading.Lock()  # one save at a time: the review line, the index and the sidecars agree
 
     @app.middleware("http")
     async def guard(request: Request, call_next) -> Response:
@@ -243,10 +252,11 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
             changed = {key: value for key, value in fields.items() if value != before[key]}
             warnings = []
             try:
-                written = write_to_acestep_files(catalog.folder, entry.song(), changed)
+                written = write_sidecar_changes(entry.song(), changed)
             except OSError as error:  # the review itself is saved; say what could not follow it
-                written, warnings = [], [f"the ACE-Step files were not updated: {error}"]
-        return {**_detail(entry), "written": [str(p) for p in written], "warnings": warnings}
+                written, warnings = [], [f"the sidecars were not updated: {error}"]
+            following = dataset_files.add(entry.song())
+        return {**_detail(entry), "written": [str(p) for p in written], "following": following, "warnings": warnings}
 
     @app.get("/api/songs/{entry_id}/audio")
     def audio(entry_id: int) -> FileResponse:

@@ -2,9 +2,9 @@
 
 `OUT/reviews.jsonl` is append-only, one line per save: the record path, whether the labels were approved,
 and every reviewed field as the person left it. The latest line per file wins and annotations.jsonl is
-never touched. A save also goes into the ACE-Step files that already exist for the song (its sidecars,
-OUT/dataset.csv, OUT/dataset.json), and `annotate -f ...` applies reviews over records, so a re-run of
-annotate keeps every edit.
+never touched. A save also goes into the ACE-Step files that already exist for the song (its sidecars at
+once, OUT/dataset.csv and OUT/dataset.json in the background), and `annotate -f ...` applies reviews over
+records, so a re-run of annotate keeps every edit.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,12 +147,15 @@ def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict
     return review
 
 
-def _sidecars(song: Song, changed: dict) -> list[Path]:
-    """The changed fields into the song's sidecars, replacing what is there, if it has any sidecar."""
+def write_sidecar_changes(song: Song, changed: dict) -> list[Path]:
+    """The fields a person changed, into the song's sidecars (replacing what is there), if it has any:
+    making sidecars is annotate -f acestep's choice. The paths written."""
+    if not changed:
+        return []
     base = song.audio.with_suffix("")
     caption, lyrics, sidecar = (base.with_name(base.name + s) for s in (".caption.txt", ".lyrics.txt", ".json"))
     if not (caption.is_file() or lyrics.is_file() or sidecar.is_file()):
-        return []  # this dataset was not exported as sidecars: making them is annotate -f acestep's choice
+        return []
     values = {key: value for key, value in changed.items() if value is not None}
     written = write_sidecars(Song(song.audio, Path(song.audio.name), **values), None, overwrite=True)
     for key, path in (("caption", caption), ("lyrics", lyrics)):
@@ -171,49 +175,96 @@ def _sidecars(song: Song, changed: dict) -> list[Path]:
     return written
 
 
-def _csv(path: Path, song: Song) -> list[Path]:
-    """The song's row of an existing dataset.csv, replaced; a table that names it twice is left alone."""
+def _update_csv(path: Path, songs: list[Song]) -> None:
+    """The songs' rows of an existing dataset.csv, replaced; a name the table holds twice is left alone."""
     rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-    row = csv_row(song)
-    matches = [index for index, old in enumerate(rows[1:], 1) if old and old[0] == row[0]]
-    if not rows or rows[0] != CSV_HEADER or len(matches) != 1:
-        if matches:
-            log.warning("%s: %d rows name %s; not changed (edit it by hand)", path, len(matches), row[0])
-        return []
-    rows[matches[0]] = [str(value) for value in row]
+    if not rows or rows[0] != CSV_HEADER:
+        log.warning("%s: not a File, BPM, Key, Caption table; not changed", path)
+        return
+    where: dict[str, list[int]] = {}
+    for index, row in enumerate(rows[1:], 1):
+        if row:
+            where.setdefault(row[0], []).append(index)
+    for song in songs:
+        row = csv_row(song)
+        found = where.get(row[0], [])
+        if len(found) > 1:
+            log.warning("%s: %d rows name %s; not changed (edit it by hand)", path, len(found), row[0])
+        elif found:
+            rows[found[0]] = [str(value) for value in row]
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     atomic_write(path, buffer.getvalue())
-    return [path]
 
 
-def _dataset(path: Path, song: Song) -> list[Path]:
-    """The song's sample in an existing dataset JSON, its reviewed keys replaced."""
+def _update_dataset(path: Path, songs: list[Song]) -> None:
+    """The songs' samples in an existing dataset JSON, their reviewed keys replaced."""
     try:
         dataset = json.loads(path.read_text(encoding="utf-8"))
         samples = dataset["samples"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         log.warning("%s: not an ACE-Step dataset file; not changed", path)
-        return []
-    new = dataset_sample(song, 0)
-    matches = [sample for sample in samples if sample.get("audio_path") == new["audio_path"]]
-    for sample in matches:
-        sample.update({key: new[key] for key in SAMPLE_KEYS})
-    if not matches:
-        return []
+        return
+    new = {str(song.audio): dataset_sample(song, 0) for song in songs}
+    for sample in samples:
+        if sample.get("audio_path") in new:
+            sample.update({key: new[sample["audio_path"]][key] for key in SAMPLE_KEYS})
     dataset.setdefault("metadata", {})["all_instrumental"] = all(s.get("is_instrumental") for s in samples)
     atomic_write(path, json.dumps(dataset, ensure_ascii=False, indent=2) + "\n")
-    return [path]
 
 
-def write_to_acestep_files(folder: Path, song: Song, changed: dict) -> list[Path]:
-    """Put one save into the ACE-Step files that exist: the song's sidecars (the fields the person changed),
-    its row in OUT/dataset.csv and its sample in OUT/dataset.json. Nothing is created that was not there."""
-    written = _sidecars(song, changed) if changed else []
-    for name, update in (("dataset.csv", _csv), ("dataset.json", _dataset)):
-        if (Path(folder) / name).is_file():
-            written += update(Path(folder) / name, song)
-    return written
+class DatasetFiles:
+    """Carries saves into OUT/dataset.csv and OUT/dataset.json, where they exist, from a background thread:
+    rewriting the files of 100,000 songs takes seconds, so a save never waits for it, and the saves that
+    arrive meanwhile are written together. close() writes whatever is still pending."""
+
+    NAMES = (("dataset.csv", _update_csv), ("dataset.json", _update_dataset))
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._pending: dict[str, Song] = {}
+        self._busy = self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="acecap-dataset-files", daemon=True)
+        self._thread.start()
+
+    def add(self, song: Song) -> list[str]:
+        """Queue the song's new values; the names of the files they will go into."""
+        names = [name for name, _ in self.NAMES if (self.folder / name).is_file()]
+        if names:
+            with self._changed:
+                self._pending[str(song.audio)] = song
+                self._changed.notify_all()
+        return names
+
+    def wait(self) -> None:
+        """Return once everything added so far is written."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending and not self._busy)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                songs, self._pending, self._busy = list(self._pending.values()), {}, True
+            try:
+                for name, update in self.NAMES:
+                    if (self.folder / name).is_file():
+                        update(self.folder / name, songs)
+            except (OSError, ValueError) as error:  # the reviews themselves are saved; annotate -f rewrites these
+                log.warning("%s: could not update the dataset files: %s", self.folder, error)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
 
 def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None) -> list[Path]:

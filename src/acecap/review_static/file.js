@@ -103,8 +103,10 @@ async function save(approved) {
     });
     const next = song.view.next;
     fill(answer);
-    const files = answer.written.length ? ` · ${answer.written.length} ACE-Step file(s) updated` : "";
-    message.textContent = `${approved ? "approved" : "saved"}${files}${answer.warnings.length ? " · " + answer.warnings.join("; ") : ""}`;
+    const parts = [approved ? "approved" : "saved"];
+    if (answer.written.length) parts.push(`updated ${answer.written.map((path) => path.split(/[\\/]/).pop()).join(", ")}`);
+    if (answer.following.length) parts.push(`${answer.following.join(", ")} to follow`);
+    message.textContent = [...parts, ...answer.warnings].join(" · ");
     if (approved) location.href = next === null ? `/${suffix}` : `/file/${next}${suffix}`;
   } catch (error) {
     message.textContent = error.message;
