@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import re
+import statistics
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import run_acecap
+from test_benchmarks import load_program
 
 from acecap.acestep import export
 from acecap.annotate import Job, annotate
@@ -128,7 +131,9 @@ def test_review_in_a_browser_edits_reach_the_sidecars_and_survive_annotate(job, 
         page.fill("input[name=keyscale]", "d major")
         expect(page.locator("label:has(textarea[name=caption]) .machine")).to_contain_text("machine:")
         page.locator("input[name=bpm]").press("Control+s")
-        expect(page.locator("#message")).to_have_text("saved · 4 ACE-Step file(s) updated")
+        expect(page.locator("#message")).to_have_text(
+            "saved · updated a.caption.txt, a.json · dataset.csv, dataset.json to follow"
+        )
         expect(page.locator("#status")).to_have_text("edited")
         page.evaluate("document.getElementById('audio').currentTime = 4")
         page.wait_for_function("Math.abs(document.getElementById('audio').currentTime - 4) < 0.01")
@@ -184,7 +189,19 @@ def test_review_in_a_browser_edits_reach_the_sidecars_and_survive_annotate(job, 
 
 
 def check_edit_landed(songs: Path, out: Path, approved: bool) -> None:
-    """The edit of a.wav is the latest review and is what every ACE-Step file says."""
+    """The edit of a.wav is the latest review and is what every ACE-Step file says (dataset.csv and
+    dataset.json are written in the background: given a few seconds)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return _check_edit_landed(songs, out, approved)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _check_edit_landed(songs: Path, out: Path, approved: bool) -> None:
     review = load_reviews(out)[str(songs / "a.wav")]
     assert review["approved"] is approved
     assert (review["fields"]["caption"], review["fields"]["bpm"], review["fields"]["keyscale"]) == (
@@ -383,3 +400,39 @@ def test_export_writes_the_approved_songs_with_their_reviews(job, tmp_path):
     assert {r["File"] for r in rows} == approved_names
     usage = run_acecap("review", str(out), "-f", "csv")
     assert usage.returncode == 2 and "go with --export" in usage.stderr
+
+
+def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):
+    bench = load_program("review")
+    report = bench.main(["--files", "1500", "--repeats", "2", "--dataset-files", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "review.json").read_text())
+    table = (tmp_path / "review.md").read_text()
+    for case in report["cases"]:
+        times = case["times_s"]
+        assert len(times) == 2 and case["first_s"] == times[0] and case["worst_s"] == max(times)
+        assert case["median_s"] == statistics.median(times) and case["within_limit"] == (max(times) <= 1.0)
+        assert case["answered"] == case["expected"] or case["expected"] is None
+        assert f"| {case['case']} | {case['first_s'] * 1000:.0f} ms | {case['median_s'] * 1000:.0f} ms |" in table
+    assert report["passed"] == all(case["within_limit"] for case in report["cases"] if case["criterion"])
+    assert report["setup"]["records"] == 3 * 1500 and report["dataset_save"]["dataset_mb"] > 0
+    rewrites = report["dataset_save"]["rewrite_s"]
+    assert len(rewrites) == 2 and report["dataset_save"]["rewrite_median_s"] == statistics.median(rewrites)
+
+    # The counts the answers were checked against agree with a plain reading of the files written.
+    expected = bench.write_job(tmp_path / "job", 400, seed=3)
+    records = [json.loads(line) for line in (tmp_path / "job" / "annotations.jsonl").read_text().splitlines()]
+    reviews = [json.loads(line) for line in (tmp_path / "job" / "reviews.jsonl").read_text().splitlines()]
+    by_path: dict[str, dict] = {}
+    for record in records:
+        by_path.setdefault(record["path"], {})[record["task"]] = record
+    lowest = {
+        p: min(t["meta"][f"{k}_confidence"] for k in ("bpm", "keyscale", "timesignature")) for p, t in by_path.items()
+    }
+    texts = {p: f"{p}\n{t['caption']['caption'] or ''}\n{t['lyrics']['lyrics']}".lower() for p, t in by_path.items()}
+    assert expected["approved"] == sum(r["approved"] for r in reviews)
+    assert expected["edited"] == sum(not r["approved"] for r in reviews)
+    assert expected["error"] == sum(any(r["error"] for r in t.values()) for t in by_path.values())
+    assert expected["below_0.2"] == sum(value < 0.2 for value in lowest.values())
+    assert expected["search"] == sum(bench.SEARCH in text for text in texts.values())
+    statuses = {status: expected[status] for status in STATUSES}
+    assert Catalog(tmp_path / "job").counts() == {"all": 400, **statuses}
