@@ -187,8 +187,8 @@ def markdown(report: dict) -> str:
         f"{s['machine']}, Python {s['python']}; {s['repeats']} runs per case, the server in the same process.",
         "",
         f"Index and start: {report['start_s']:.1f} s ({report['start_cpu_s']:.1f} s CPU); "
-        f"the index holds {report['index_mb']:.0f} MB after it (peak of the whole process, torch imported: "
-        f"{report['peak_rss_mb']:.0f} MB).",
+        f"the process's resident memory grew by {report['index_mb']:.0f} MB over it (reading the records; "
+        f"Python keeps what it frees), to a peak of {report['peak_rss_mb']:.0f} MB with torch imported.",
         "",
         "| request | first | median | worst | ≤ 1 s | files answered |",
         "| --- | ---: | ---: | ---: | :---: | ---: |",
