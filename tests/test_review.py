@@ -7,7 +7,10 @@ import csv
 import json
 import os
 import re
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -436,3 +439,22 @@ def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):
     assert expected["search"] == sum(bench.SEARCH in text for text in texts.values())
     statuses = {status: expected[status] for status in STATUSES}
     assert Catalog(tmp_path / "job").counts() == {"all": 400, **statuses}
+
+
+def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c(job, tmp_path):
+    _, out = job
+    command = [sys.executable, "-m", "acecap", "review", str(out), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("acecap review: 4 files of ") and line.endswith(" (Ctrl-C stops)\n"), line
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert httpx.get(f"{url}api/songs").json()["counts"]["all"] == 4
+    finally:
+        server.send_signal(signal.SIGINT)
+        # uvicorn shuts down, then re-raises the interrupt: the shell's usual status for Ctrl-C
+        assert server.wait(timeout=30) == 130, server.stderr.read()
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    refused = run_acecap("review", str(empty))
+    assert refused.returncode == 2 and "no annotate records here" in refused.stderr

@@ -318,13 +318,13 @@ def _setup(folder: Path, host: str, api_key: str | None) -> tuple[Catalog, FastA
 
 
 def review(folder: Path, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-           open_browser: bool = False, say=print) -> None:  # fmt: skip
+           open_browser: bool = False) -> None:  # fmt: skip
     """Serve the review app until Ctrl-C. Off a loopback address a token is required: `api_key`, or a new
     one, printed in the URL."""
     catalog, app, token = _setup(folder, host, api_key)
     sock = _bind(host, port)
     url = _address(host, sock, token)
-    say(f"acecap review: {len(catalog)} files of {folder} on {url} (Ctrl-C stops)")
+    print(f"acecap review: {len(catalog)} files of {folder} on {url} (Ctrl-C stops)", flush=True)
     if open_browser:
         import webbrowser
 
