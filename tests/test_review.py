@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -458,3 +459,15 @@ def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c(job, tmp_path
     empty.mkdir()
     refused = run_acecap("review", str(empty))
     assert refused.returncode == 2 and "no annotate records here" in refused.stderr
+
+
+def test_the_wheel_carries_the_pages_so_review_works_installed_and_offline(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    (wheel,) = tmp_path.glob("acecap-*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    assets = {f"acecap/review_static/{p.name}" for p in (ROOT / "src/acecap/review_static").iterdir()}
+    assert {"acecap/review_static/table.html", "acecap/review_static/file.js"} <= assets <= packed
+    for name in ("table.html", "file.html"):  # nothing fetched from elsewhere: no CDN, works offline
+        page = (ROOT / "src/acecap/review_static" / name).read_text()
+        assert re.findall(r'(?:src|href)="(?![/#])', page) == []
