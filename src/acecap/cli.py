@@ -19,6 +19,7 @@ examples:
   acecap annotate songs/ -o labels              a whole folder, resumable (acecap annotate -h)
   acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
   acecap serve --device npu:0 --api-key $KEY    an OpenAI-compatible service on :8000 (acecap serve -h)
+  acecap review labels                          listen to, check and correct the labels in the browser
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
 
