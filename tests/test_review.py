@@ -29,7 +29,7 @@ from acecap.generate import Decoding
 from acecap.inputs import discover
 from acecap.records import latest_per_input, load_records
 from acecap.review import running
-from acecap.reviews import check_fields, load_reviews
+from acecap.reviews import check_fields, export_reviewed, load_reviews
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -404,6 +404,11 @@ def test_export_writes_the_approved_songs_with_their_reviews(job, tmp_path):
     assert {r["File"] for r in rows} == approved_names
     usage = run_acecap("review", str(out), "-f", "csv")
     assert usage.returncode == 2 and "go with --export" in usage.stderr
+    synthetic_records(tmp_path / "unreviewed", 5)
+    with pytest.raises(ValueError, match="no song of .* is approved yet"):
+        export_reviewed(tmp_path / "unreviewed", "approved", ["csv"])
+    with pytest.raises(ValueError, match="no annotate records here"):
+        export_reviewed(tmp_path / "approved", "all", ["csv"])  # a folder, but no records in it
 
 
 def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):

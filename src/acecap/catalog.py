@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,10 @@ class Entry:
     def fields(self) -> dict:
         """The labels as they stand: the person's where reviewed, else the machine's."""
         return dict(self.review["fields"]) if self.review else dict(self.machine)
+
+    def value(self, key: str):
+        """One of `fields`, without copying them."""
+        return (self.review["fields"] if self.review else self.machine)[key]
 
     @property
     def min_confidence(self) -> float | None:
@@ -134,15 +138,11 @@ def _entries(records: list[dict]) -> list[Entry]:
     return entries
 
 
-@dataclass
 class Catalog:
-    """Every file of an annotate output folder, indexed for the review table."""
+    """Every file of an annotate output folder, indexed for the review table (read once, at the start)."""
 
-    folder: Path
-    entries: list[Entry] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
         self.entries = _entries(latest_per_input(load_records(self.folder)))
         reviews = load_reviews(self.folder)
         for entry in self.entries:
@@ -178,7 +178,7 @@ class Catalog:
             return entry.min_confidence
         if key == "status":
             return STATUSES.index(entry.status)
-        value = entry.fields[key]
+        value = entry.value(key)
         return value.lower() if isinstance(value, str) else value
 
     def _order(self, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -171,6 +171,7 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
     app.state.dataset_files = dataset_files
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     saving = threading.Lock()  # one save at a time: the review line, the index and the sidecars agree
+    drawing = threading.Lock()
 
     @app.middleware("http")
     async def guard(request: Request, call_next) -> Response:
@@ -275,11 +276,12 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
             raise HTTPException(404, f"{path.name}: the file is no longer there") from None
         key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{IMAGE_SIZE}".encode()).hexdigest()
         cached = catalog.folder / CACHE / f"{key}.png"
-        if not cached.is_file():
-            try:
-                atomic_write(cached, render_image(path))
-            except AudioError as error:
-                raise HTTPException(422, f"{path.name}: {error}") from None
+        with drawing:  # one picture at a time: bounded memory; matplotlib is not thread-safe
+            if not cached.is_file():
+                try:
+                    atomic_write(cached, render_image(path))
+                except AudioError as error:
+                    raise HTTPException(422, f"{path.name}: {error}") from None
         return Response(cached.read_bytes(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
     return app

@@ -278,8 +278,12 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
         raise ValueError("--export needs at least one -f: acestep, csv or acestep-dataset")
     reviews = load_reviews(folder)
     records = latest_per_input(load_records(Path(folder)))
+    if not records:
+        raise ValueError(f"{folder}: no annotate records here (annotations.jsonl); run acecap annotate first")
     if which == "approved":
         records = [r for r in records if reviews.get(r["path"], {}).get("approved")]
+        if not records:
+            raise ValueError(f"no song of {folder} is approved yet: approve some in `acecap review {folder}` first")
     relative = {r["path"]: Path(audio_path(r).name) for r in records}
     fields = {path: review["fields"] for path, review in reviews.items()}
     return export(records, relative, formats, Path(output_dir or folder), reviews=fields)
