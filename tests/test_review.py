@@ -29,7 +29,7 @@ from acecap.generate import Decoding
 from acecap.inputs import discover
 from acecap.records import latest_per_input, load_records
 from acecap.review import running
-from acecap.reviews import check_fields, export_reviewed, load_reviews
+from acecap.reviews import changes, check_fields, export_reviewed, load_reviews
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -304,6 +304,10 @@ def test_fields_are_checked_and_written_the_way_ace_step_reads_them():
     assert check_fields({"bpm": ""}, current)["bpm"] is None
     assert check_fields({"is_instrumental": True}, current)["lyrics"] == "[Instrumental]"
     assert check_fields({"caption": "  "}, current)["caption"] is None
+    machine = {**current, "caption": "A caption the model ended with a newline.\n"}
+    unchanged = check_fields({"caption": machine["caption"], "bpm": "120"}, machine)
+    assert changes(unchanged, machine) == {}  # nothing a person changed: no sidecar is rewritten
+    assert changes({**unchanged, "bpm": 121}, machine) == {"bpm": 121}
     for given, reason in (
         ({"bpm": "12O"}, "bpm: '12O' is not a whole number"),
         ({"bpm": 96.5}, "bpm: 96.5 is not a whole number"),

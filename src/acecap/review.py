@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .audio import AudioError, load_audio
 from .catalog import FLAGS, PAGE_SIZES, SORTS, STATUSES, Catalog, Entry, Query
-from .reviews import DatasetFiles, append_review, check_fields, write_sidecar_changes
+from .reviews import DatasetFiles, append_review, changes, check_fields, write_sidecar_changes
 from .writers import atomic_write
 
 log = logging.getLogger("acecap")
@@ -250,7 +250,7 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
             except ValueError as error:
                 raise HTTPException(422, str(error)) from None
             catalog.update(entry_id, append_review(catalog.folder, entry.path, fields, body.get("approved", False)))
-            changed = {key: value for key, value in fields.items() if value != before[key]}
+            changed = changes(fields, before)
             warnings = []
             try:
                 written = write_sidecar_changes(entry.song(), changed)

@@ -135,6 +135,12 @@ def check_fields(given: dict, current: dict) -> dict:
     return fields
 
 
+def changes(fields: dict, before: dict) -> dict:
+    """The fields whose value differs from `before` (text compared as check_fields writes it: stripped)."""
+    plain = {key: value.strip() or None if isinstance(value, str) else value for key, value in before.items()}
+    return {key: value for key, value in fields.items() if value != plain.get(key)}
+
+
 def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict:
     """Add one review line (whole, flushed to disk) and return it."""
     review = {
