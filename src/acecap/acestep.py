@@ -52,13 +52,17 @@ class Song:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def songs_from_records(records: list[dict], relative: dict[str, Path]) -> list[Song]:
-    """One Song per audio file with at least one successful record, fields from each task's record."""
+def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: dict[str, dict] | None = None
+                       ) -> list[Song]:  # fmt: skip
+    """One Song per audio file with at least one successful record, fields from each task's record, then
+    from its latest review (`reviews`: record path → the fields a person saved), which wins."""
     songs: dict[str, Song] = {}
     for record in records:
         if record.get("error") or record["path"] not in relative:
             continue
-        song = songs.setdefault(record["path"], Song(Path(record["path"]), relative[record["path"]]))
+        song = songs.get(record["path"])
+        if song is None:  # one Song (and Path) per file, not one per record
+            song = songs[record["path"]] = Song(Path(record["path"]), relative[record["path"]])
         song.duration = record.get("duration") or song.duration
         if record["task"] == "caption":
             song.caption = record["caption"]
@@ -69,6 +73,10 @@ def songs_from_records(records: list[dict], relative: dict[str, Path]) -> list[S
             song.bpm, song.keyscale = record.get("bpm"), record.get("keyscale")
             beats = record.get("timesignature")
             song.timesignature = str(beats) if beats is not None else None
+    for path, fields in (reviews or {}).items():
+        if path in songs:
+            for key, value in fields.items():
+                setattr(songs[path], key, value)
     return list(songs.values())
 
 
@@ -107,44 +115,50 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
     return written
 
 
+CSV_HEADER = ["File", "BPM", "Key", "Caption"]
+
+
+def csv_row(song: Song) -> list:
+    """The song's row of the table (File: the audio's name, as the scanner matches it)."""
+    return [song.audio.name, "" if song.bpm is None else song.bpm, song.keyscale or "", song.caption or ""]
+
+
 def write_csv(songs: list[Song], path: Path) -> Path:
-    """The `File, BPM, Key, Caption` table (File: the audio's name, as the scanner matches it)."""
+    """The `File, BPM, Key, Caption` table."""
     buffer = io.StringIO()
     table = csv.writer(buffer, lineterminator="\n")
-    table.writerow(["File", "BPM", "Key", "Caption"])
-    for song in songs:
-        bpm = "" if song.bpm is None else song.bpm
-        table.writerow([song.audio.name, bpm, song.keyscale or "", song.caption or ""])
+    table.writerows([CSV_HEADER, *map(csv_row, songs)])
     atomic_write(path, buffer.getvalue())
     return path
 
 
+def dataset_sample(song: Song, index: int) -> dict:
+    """The song's entry in the dataset JSON's `samples`."""
+    lyrics = song.lyrics if song.lyrics is not None else ""
+    return {
+        "id": f"{index:06d}",
+        "audio_path": str(song.audio),
+        "filename": song.audio.name,
+        "caption": song.caption or "",
+        "genre": song.genre or "",
+        "lyrics": lyrics,
+        "raw_lyrics": song.raw_lyrics or "",
+        "formatted_lyrics": lyrics,
+        "bpm": song.bpm,
+        "keyscale": song.keyscale or "",
+        "timesignature": song.timesignature or "",
+        "duration": song.duration,
+        "language": song.language or "unknown",
+        "is_instrumental": bool(song.is_instrumental) or lyrics == INSTRUMENTAL,
+        "custom_tag": "",
+        "labeled": song.caption is not None,
+        "prompt_override": None,
+    }
+
+
 def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
     """The ACE-Step UI's dataset JSON: `metadata` and one entry in `samples` per song."""
-    samples = []
-    for index, song in enumerate(songs):
-        lyrics = song.lyrics if song.lyrics is not None else ""
-        samples.append(
-            {
-                "id": f"{index:06d}",
-                "audio_path": str(song.audio),
-                "filename": song.audio.name,
-                "caption": song.caption or "",
-                "genre": song.genre or "",
-                "lyrics": lyrics,
-                "raw_lyrics": song.raw_lyrics or "",
-                "formatted_lyrics": lyrics,
-                "bpm": song.bpm,
-                "keyscale": song.keyscale or "",
-                "timesignature": song.timesignature or "",
-                "duration": song.duration,
-                "language": song.language or "unknown",
-                "is_instrumental": bool(song.is_instrumental) or lyrics == INSTRUMENTAL,
-                "custom_tag": "",
-                "labeled": song.caption is not None,
-                "prompt_override": None,
-            }
-        )
+    samples = [dataset_sample(song, index) for index, song in enumerate(songs)]
     metadata = {
         "name": name,
         "custom_tag": "",
@@ -159,9 +173,11 @@ def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
 
 
 def export(records: list[dict], relative: dict[str, Path], formats: list[str], output_dir: Path,
-           sidecar_dir: Path | None = None, overwrite: bool = False) -> list[Path]:  # fmt: skip
-    """Write the ACE-Step `formats` for every song with a successful record; the paths written."""
-    songs = songs_from_records(records, relative)
+           sidecar_dir: Path | None = None, overwrite: bool = False, reviews: dict[str, dict] | None = None
+           ) -> list[Path]:  # fmt: skip
+    """Write the ACE-Step `formats` for every song with a successful record, a person's reviewed fields
+    over the machine's (see songs_from_records); the paths written."""
+    songs = songs_from_records(records, relative, reviews)
     written: list[Path] = []
     if "acestep" in formats:
         for song in songs:

@@ -19,6 +19,7 @@ examples:
   acecap annotate songs/ -o labels              a whole folder, resumable (acecap annotate -h)
   acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
   acecap serve --device npu:0 --api-key $KEY    an OpenAI-compatible service on :8000 (acecap serve -h)
+  acecap review labels                          listen to, check and correct the labels in the browser
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
 
@@ -280,6 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let audio_url name http(s) URLs the server fetches (off by default: the server "
                        "would fetch whatever a client names)")  # fmt: skip
 
+    review = commands.add_parser(
+        "review", help="listen to an annotate job's files and check and correct their labels in the browser",
+        description="Serve a local web page over an annotate output folder: a table of every file (sort, "
+        "filter, search) and a page per file with its audio, waveform and spectrogram, and every label "
+        "editable. Saves go to OUT/reviews.jsonl (append-only; annotations.jsonl is never changed) and into "
+        "the ACE-Step files that exist (sidecars beside the songs, OUT/dataset.csv, OUT/dataset.json); "
+        "annotate -f keeps them on later runs. With --export, write the reviewed songs and exit instead.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REVIEW_EXAMPLES,
+    )  # fmt: skip
+    review.add_argument("output_dir", type=Path, metavar="OUT", help="an annotate output folder")
+    group = review.add_argument_group("service")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; anything else needs a token)")  # fmt: skip
+    group.add_argument("--port", type=int, default=0, help="port (default 0: any free port, printed)")
+    group.add_argument("--api-key", default=os.environ.get("ACECAP_API_KEY"),
+                       help="the token every request needs (default: $ACECAP_API_KEY; off a loopback address "
+                       "without one, a new token is made and printed in the URL)")  # fmt: skip
+    group.add_argument("--open", action="store_true", help="open the page in this machine's browser")
+    group = review.add_argument_group("export (instead of serving)")
+    group.add_argument("--export", choices=["approved", "all"],
+                       help="write the approved songs (or all, reviews applied) in each -f format, "
+                       "then exit")  # fmt: skip
+    group.add_argument("-f", "--format", choices=list(FORMATS), action="append", default=[],
+                       help="with --export (repeatable): acestep, sidecars beside each song (values already "
+                       "there are kept); csv, dataset.csv; acestep-dataset, dataset.json")  # fmt: skip
+    group.add_argument("--export-to", type=Path, metavar="DIR",
+                       help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -316,6 +345,15 @@ examples:
   acecap serve --task lyrics --port 8001             the transcriber beside it
   acecap serve --allow-files /data/music             clients may name file:///data/music/... as audio_url
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+"""
+
+
+REVIEW_EXAMPLES = """\
+examples:
+  acecap review labels                             a page on http://127.0.0.1:PORT/ (printed)
+  acecap review labels --port 8100 --open          a fixed port, opened in the browser
+  acecap review labels --host 0.0.0.0              reachable from other machines: prints a URL with a token
+  acecap review labels --export approved -f acestep-dataset   labels/dataset.json of the approved songs
 """
 
 
@@ -376,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             return compare_command(args)
         if args.command == "serve":
             return serve_command(args)
+        if args.command == "review":
+            from .commands import review_command
+
+            return review_command(args)
         return caption_command(args)
     except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         say_error(str(error))

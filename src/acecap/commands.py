@@ -31,6 +31,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .devices import expand_devices
     from .inputs import discover
     from .records import latest_per_input, load_records
+    from .reviews import reviewed_fields
 
     tasks = _tasks(args.tasks, ALL_TASKS)
     models = _models(args.model, [task for task in tasks if task != "meta"])
@@ -73,7 +74,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     if formats:
         relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
         records = latest_per_input(load_records(args.output_dir))
-        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite)
+        reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
+        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite, reviews)
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
     return 0 if ok else 1
 
@@ -245,4 +247,21 @@ def serve_command(args: argparse.Namespace) -> int:
         access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
     )
     serve(_load_captioner(args), config, args.host, args.port)
+    return 0
+
+
+def review_command(args: argparse.Namespace) -> int:
+    if args.export is None:
+        if args.format or args.export_to:
+            raise ValueError("-f and --export-to go with --export approved|all")
+        from .review import review
+
+        review(args.output_dir, args.host, args.port, args.api_key or None, args.open)
+        return 0
+    from .reviews import export_reviewed
+
+    written = export_reviewed(args.output_dir, args.export, args.format, args.export_to)
+    print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+    for path in written:
+        print(path)
     return 0
