@@ -206,8 +206,8 @@ def test_the_connection_goes_to_the_checked_address_not_a_new_lookup(site):
     """Pinned: a name that no longer resolves (or resolves elsewhere) is never looked up again; the
     connection goes to the checked address and the name is only the Host header."""
     port = int(site.url.rsplit(":", 1)[1])
-    target = _Target("http", "rebinding.invalid", port, "127.0.0.1", "/song.wav")
-    connection = _connection(target, timeout=5)
+    target = _Target("http", "rebinding.invalid", port, ("127.0.0.1",), "/song.wav")
+    connection = _connection(target, deadline=time.monotonic() + 5)
     try:
         connection.request("GET", target.path)
         assert connection.getresponse().status == 200

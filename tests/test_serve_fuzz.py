@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import struct
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from test_serve import PROMPT, wav_bytes
 
 from acecap import Captioner
+from acecap.fetch import AudioAccess
 from acecap.serve import ServeConfig, running
 
 NAME = "fuzzed"
@@ -37,8 +39,11 @@ VALID = {
 OPTIONS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stream",
            "stream_options", "ignore_eos", "repetition_penalty", "messages"]  # fmt: skip
 EDGES = [float("nan"), float("inf"), -float("inf"), 2**64, -(2**63) - 1, 10**40, 1e-300, 0, -1, 0.5, 2.0001, True,
-         "false", "", "<|AUDIO|>", "<|im_end|>", "data:audio/wav;base64,", "file:///etc/passwd", "http://2130706433/",
-         "x" * 70_000, [], {}, None]  # fmt: skip
+         "false", "", "<|AUDIO|>", "<|im_end|>", "\ud800", "x" * 70_000, [], {}, None,
+         "data:audio/wav;base64,", "data:,x", "file:///etc/passwd", "file:///%00", "http://2130706433/",
+         "http://[::1", "http://127.0.0.1:99999/", "http://user:pw@[::ffff:10.0.0.1]/", "http://a..b/", "http:///x",
+         "https://10.0.0.1/\ud800", "gopher://x", "http://0x7f.1/a b"]  # fmt: skip
+# Only addresses refused before any connection: a public one would wait on a network this test may not have.
 SETTINGS = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
@@ -87,7 +92,8 @@ def mutated(draw) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_model):
     captioner = Captioner.from_pretrained(tiny_model, device="cpu")
-    config = ServeConfig(served_model_name=(NAME,), max_new_tokens=4, max_duration=5, max_body_mb=1)
+    access = AudioAccess(urls=True, timeout_s=5)
+    config = ServeConfig(served_model_name=(NAME,), max_new_tokens=4, max_duration=5, max_body_mb=1, access=access)
     with running(captioner, config) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client
 
@@ -132,3 +138,26 @@ def test_arbitrary_json_gets_a_4xx_in_the_openai_shape(server, value):
 @given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_arbitrary_bytes_get_a_4xx_in_the_openai_shape(server, data):
     check(server, data)
+
+
+@st.composite
+def wav_files(draw) -> bytes:
+    """A WAV header with any format, channels, rate and sizes, over a few bytes of data (a few, so that a
+    header claiming 1 Hz cannot make a decoder allocate gigabytes here)."""
+    data = draw(st.binary(max_size=64))
+    short, long = st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)
+    tag = draw(st.sampled_from([1, 3, 6, 7, 0xFFFE]) | short)
+    rate = draw(st.sampled_from([1, 8000, 44100, 2**31 - 1]) | long)
+    bits = draw(st.sampled_from([8, 16, 24, 32, 64]) | short)
+    fmt = struct.pack("<HHIIHH", tag, draw(short), rate, draw(long), draw(short), bits)
+    size = draw(st.just(len(data)) | st.integers(0, 2**32 - 1))
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", size) + data
+    return b"RIFF" + struct.pack("<I", draw(st.just(4 + len(chunks)) | st.integers(0, 2**32 - 1))) + b"WAVE" + chunks
+
+
+@settings(SETTINGS, max_examples=60)
+@given(audio=wav_files())
+def test_malformed_wav_files_get_a_4xx_in_the_openai_shape(server, audio):
+    request = copy.deepcopy(VALID)
+    request["messages"][0]["content"][1]["input_audio"]["data"] = base64.b64encode(audio).decode()
+    check(server, json.dumps(request).encode())

@@ -75,6 +75,15 @@ def _flag(body: dict, name: str) -> bool:
     return value
 
 
+def _unicode(text: str, what: str) -> str:
+    """`text`, refused when JSON smuggled in a lone surrogate (\\ud800), which no tokenizer or URL can take."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise APIError(400, f"{what} is not valid Unicode (it holds a lone surrogate)", param="messages") from None
+    return text
+
+
 def _parts(messages) -> tuple[list[str], list[dict]]:
     """The text parts and audio parts of the conversation's user messages."""
     if not isinstance(messages, list) or not messages:
@@ -88,14 +97,14 @@ def _parts(messages) -> tuple[list[str], list[dict]]:
                            "answers one user turn, with its own system prompt", param="messages")  # fmt: skip
         content = message.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            texts.append(_unicode(content, "the message's text"))
             continue
         if not isinstance(content, list):
             raise APIError(400, "message content must be a string or a list of parts", param="messages")
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                texts.append(_unicode(part["text"], "the message's text"))
             elif kind in ("input_audio", "audio_url") and isinstance(part.get(kind), dict):
                 audio.append(part)
             else:
@@ -122,7 +131,7 @@ def parse_chat(body, max_new_tokens: int) -> ChatRequest:
         url = part["audio_url"].get("url")
         if not isinstance(url, str):
             raise APIError(400, "audio_url.url must be a string", param="messages")
-        source = ("url", url)
+        source = ("url", _unicode(url, "audio_url.url"))
     if _number(body, "n", int, 1) != 1:
         raise APIError(400, "n must be 1: one caption per request", param="n")
     limit = _number(body, "max_completion_tokens", int, None, 1, max_new_tokens)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import http.client
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 from .audio import AudioError, Clip, decode_audio
 from .chat import APIError
 
+log = logging.getLogger("acecap")
 MAX_REDIRECTS = 5
 REDIRECTS = {301, 302, 303, 307, 308}
 CHUNK = 1 << 16
@@ -79,23 +81,31 @@ def fetch_audio(source: tuple[str, str], access: AudioAccess, deadline: float | 
     `deadline` (time.monotonic(); default: `access.timeout_s` from now)."""
     kind, value = source
     deadline = deadline if deadline is not None else time.monotonic() + access.timeout_s
+    if kind == "data":
+        return _decoded(_base64(value, "input_audio.data"), "input_audio")
+    scheme = _scheme(value)
+    if scheme == "data":
+        header, _, payload = value.partition(",")
+        if not header.endswith(";base64"):
+            raise APIError(400, "a data: audio_url must be base64 (data:audio/...;base64,...)")
+        return _decoded(_base64(payload, "the audio_url's data"), "audio_url")
+    if scheme == "file":
+        path = _allowed_file(value, access)
+        return _decoded(_read_file(path, access, deadline), str(path))
+    if scheme in ("http", "https"):
+        return _decoded(_download(value, access, deadline), "audio_url")
+    raise APIError(400, f"audio_url scheme {scheme!r} is not supported: use data:, file:// or http(s)://")
+
+
+def _decoded(data: bytes, source: str) -> Clip:
+    """The client's bytes decoded; whatever a decoder raises on them is the bytes' fault, answered with 400."""
     try:
-        if kind == "data":
-            return decode_audio(_base64(value, "input_audio.data"), "input_audio")
-        scheme = _scheme(value)
-        if scheme == "data":
-            header, _, payload = value.partition(",")
-            if not header.endswith(";base64"):
-                raise APIError(400, "a data: audio_url must be base64 (data:audio/...;base64,...)")
-            return decode_audio(_base64(payload, "the audio_url's data"), "audio_url")
-        if scheme == "file":
-            path = _allowed_file(value, access)
-            return decode_audio(_read_file(path, access, deadline), str(path))
-        if scheme in ("http", "https"):
-            return decode_audio(_download(value, access, deadline), "audio_url")
+        return decode_audio(data, source)
     except AudioError as error:
         raise APIError(400, f"the audio could not be used: {error}") from None
-    raise APIError(400, f"audio_url scheme {scheme!r} is not supported: use data:, file:// or http(s)://")
+    except Exception as error:  # a decoder library's own failure on malformed data
+        log.warning("decoding a request's audio failed", exc_info=error)
+        raise APIError(400, f"the audio could not be decoded ({type(error).__name__})") from None
 
 
 def _base64(text: str, what: str) -> bytes:
@@ -108,6 +118,12 @@ def _base64(text: str, what: str) -> bytes:
 def _check_url_text(url: str) -> None:
     if UNSAFE.search(url):
         raise APIError(400, "audio_url holds a space or a control character: percent-encode it", param="messages")
+
+
+def _shown(path: Path) -> str:
+    """A client's path quoted in an error, cut short."""
+    text = str(path)
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _too_slow(access: AudioAccess) -> APIError:
@@ -134,9 +150,9 @@ def _allowed_file(url: str, access: AudioAccess) -> Path:
     try:
         resolved = path.resolve()  # `..` and symlinks resolved before the check, so neither escapes the folder
     except (OSError, RuntimeError):  # a symlink loop, a name too long
-        raise APIError(400, f"{path} cannot be resolved (a symlink loop or a name too long)") from None
+        raise APIError(400, f"{_shown(path)} cannot be resolved (a symlink loop or a name too long)") from None
     if not path.is_absolute() or not resolved.is_relative_to(access.files):
-        raise APIError(403, f"{path} is outside the folder this server may read", kind="permission_error")
+        raise APIError(403, f"{_shown(path)} is outside the folder this server may read", kind="permission_error")
     return resolved
 
 
@@ -145,25 +161,28 @@ def _read_file(path: Path, access: AudioAccess, deadline: float) -> bytes:
     could block forever); the descriptor is checked again once open, in case the name changed meanwhile."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise APIError(400, f"{path} is not a regular file (a folder, FIFO, device or socket)")
+            raise APIError(400, f"{_shown(path)} is not a regular file (a folder, FIFO, device or socket)")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise APIError(400, f"{path}: no such file") from None
+        raise APIError(400, f"{_shown(path)}: no such file") from None
     except OSError as error:
-        raise APIError(400, f"{path}: cannot read ({error.strerror})") from None
+        raise APIError(400, f"{_shown(path)}: cannot read ({error.strerror})") from None
     with os.fdopen(fd, "rb", buffering=0) as file:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise APIError(400, f"{path} is not a regular file (a folder, FIFO, device or socket)")
+            raise APIError(400, f"{_shown(path)} is not a regular file (a folder, FIFO, device or socket)")
         if info.st_size > access.max_bytes:
             raise _too_big(access)
         data = bytearray()
-        while piece := file.read(CHUNK):
-            data += piece
-            if len(data) > access.max_bytes:
-                raise _too_big(access)
-            if time.monotonic() > deadline:
-                raise _too_slow(access)
+        try:
+            while piece := file.read(CHUNK):
+                data += piece
+                if len(data) > access.max_bytes:
+                    raise _too_big(access)
+                if time.monotonic() > deadline:
+                    raise _too_slow(access)
+        except OSError as error:
+            raise APIError(400, f"{_shown(path)}: cannot read ({error.strerror})") from None
     return bytes(data)
 
 
@@ -193,7 +212,7 @@ class _Target:
     scheme: str
     host: str  # for the Host header and the TLS certificate
     port: int
-    address: str  # the resolved, checked address the connection goes to
+    addresses: tuple[str, ...]  # what the name resolved to, every one checked: the connection goes to one
     path: str  # path and query, percent-encoded
 
 
@@ -225,15 +244,24 @@ def _target(url: str, access: AudioAccess) -> _Target:
                        kind="permission_error")  # fmt: skip
     safe = "/%:@!$&'()*+,;=-._~"
     path = quote(parts.path or "/", safe=safe) + (f"?{quote(parts.query, safe=safe + '?')}" if parts.query else "")
-    return _Target(scheme, host, port, str(addresses[0]), path)
+    return _Target(scheme, host, port, tuple(map(str, addresses)), path)
 
 
-def _connection(target: _Target, timeout: float) -> http.client.HTTPConnection:
+def _connection(target: _Target, deadline: float) -> http.client.HTTPConnection:
+    """A connection to `target` that goes to its checked addresses (the first that answers), whatever its
+    name resolves to by now; the name is only the Host header and what the TLS certificate must match."""
     kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-    connection = kind(target.host, target.port, timeout=timeout)
+    connection = kind(target.host, target.port, timeout=max(0.001, deadline - time.monotonic()))
 
-    def pinned(_address, timeout, source_address=None):  # the checked address, whatever the name resolves to now
-        return socket.create_connection((target.address, target.port), timeout, source_address)
+    def pinned(_address, _timeout, source_address=None) -> socket.socket:
+        failure = OSError("no address")
+        for address in target.addresses:
+            try:
+                remaining = max(0.001, deadline - time.monotonic())
+                return socket.create_connection((address, target.port), remaining, source_address)
+            except OSError as error:
+                failure = error
+        raise failure
 
     connection._create_connection = pinned
     return connection
@@ -253,22 +281,25 @@ def _download(url: str, access: AudioAccess, deadline: float) -> bytes:
         raise APIError(403, "remote URLs are off on this server (start it with --allow-urls)",
                        kind="permission_error")  # fmt: skip
     headers = _credentials(url)
-    origin = urlsplit(url)[:2]
+    origin = None
     for _ in range(MAX_REDIRECTS + 1):
         target = _target(url, access)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        origin = origin or (target.scheme, target.host, target.port)
+        if (target.scheme, target.host, target.port) != origin:
+            headers = {}  # credentials go only to the URL's own origin
+        if time.monotonic() >= deadline:
             raise _too_slow(access)
-        connection = _connection(target, remaining)
+        connection = _connection(target, deadline)
         try:
             location = _get(connection, target, headers, access, deadline)
         finally:
             connection.close()
         if isinstance(location, bytes):
             return location
-        url = urljoin(url, location)
-        if urlsplit(url)[:2] != origin:
-            headers = {}  # credentials go only to the URL's own origin
+        try:
+            url = urljoin(url, location)
+        except ValueError:
+            raise APIError(400, "the audio_url redirects to a URL that is not valid") from None
     raise APIError(400, f"the audio_url redirects more than {MAX_REDIRECTS} times")
 
 
