@@ -11,6 +11,7 @@ import http.server
 import ipaddress
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -283,3 +284,37 @@ def test_fifos_and_other_non_regular_files_are_refused_at_once(captioner, tmp_pa
         refused(post(url, body(url_part(f"file://{tmp_path}/my song.wav"))), 400, "space or a control character")
         refused(post(url, body(url_part(f"file://elsewhere{tmp_path}/song.wav"))), 400, "a path on this server")
         assert post(url, body(url_part(f"file://{tmp_path}/song.wav"), max_tokens=2)).status_code == 200
+
+
+@pytest.fixture
+def tls_site(tmp_path, monkeypatch):
+    """An HTTPS server on 127.0.0.1 whose certificate names "audio.test" and 127.0.0.1, from a CA that
+    this process trusts (SSL_CERT_FILE) for the test."""
+    import trustme
+
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    running_site = Site()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("audio.test", "127.0.0.1").configure_cert(context)
+    running_site.httpd.socket = context.wrap_socket(running_site.httpd.socket, server_side=True)
+    yield running_site
+    running_site.close()
+
+
+def test_https_is_verified_against_the_name_while_connecting_to_the_checked_address(captioner, tls_site):
+    port = int(tls_site.url.rsplit(":", 1)[1])
+    for name, verified in (("audio.test", True), ("other.test", False)):
+        target = _Target("https", name, port, ("127.0.0.1",), "/song.wav")
+        connection = _connection(target, deadline=time.monotonic() + 10)
+        try:
+            connection.request("GET", target.path)
+            assert verified and connection.getresponse().status == 200
+        except ssl.SSLCertVerificationError:
+            assert not verified
+        finally:
+            connection.close()
+    with running(captioner, ServeConfig(access=AudioAccess(urls=True, private_networks=LOOPBACK))) as url:
+        assert post(url, body(url_part(f"https://127.0.0.1:{port}/song.wav"), max_tokens=2)).status_code == 200
+        refused(post(url, body(url_part(f"https://localhost:{port}/song.wav"))), 400, "the TLS handshake failed")
