@@ -23,9 +23,9 @@ import pytest
 import soundfile
 
 from acecap import Captioner, Decoding
-from acecap.audio import decode_audio
+from acecap.audio import Clip, decode_audio
 from acecap.fetch import AudioAccess
-from acecap.prompts import PromptRules
+from acecap.prompts import PromptRules, audio_tokens
 from acecap.serve import ServeConfig, running
 
 PROMPT = "*Task* Describe this audio in detail"
@@ -413,6 +413,15 @@ def short_context_model(tiny_model, tmp_path_factory) -> Path:
     config["thinker_config"]["text_config"]["max_position_embeddings"] = 1024
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def test_audio_tokens_are_what_the_model_reads(captioner):
+    rules = PromptRules.of(captioner)
+    for samples in (321, 400, 16_000, 16_161, 160_000 + 7, 45 * 16_000):
+        clip = Clip(np.full(samples, 0.1, np.float32), "tone")
+        result = captioner.caption_clips([clip], Decoding(max_new_tokens=1))[0]
+        assert result.prompt_tokens == rules.default_tokens + audio_tokens(samples), samples
+    assert audio_tokens(16_000) == 25 and audio_tokens(320) == 0 and audio_tokens(321) == 1
 
 
 def test_the_prompt_must_fit_the_context_beside_audio_and_max_tokens(short_context_model):

@@ -126,7 +126,8 @@ def _shown(path: Path) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _too_slow(access: AudioAccess) -> APIError:
+def too_slow(access: AudioAccess) -> APIError:
+    """The answer to a file or URL not read within --fetch-timeout."""
     return APIError(504, f"reading the audio_url took longer than the server's {access.timeout_s:g} s "
                     "(--fetch-timeout)", kind="timeout_error")  # fmt: skip
 
@@ -180,7 +181,7 @@ def _read_file(path: Path, access: AudioAccess, deadline: float) -> bytes:
                 if len(data) > access.max_bytes:
                     raise _too_big(access)
                 if time.monotonic() > deadline:
-                    raise _too_slow(access)
+                    raise too_slow(access)
         except OSError as error:
             raise APIError(400, f"{_shown(path)}: cannot read ({error.strerror})") from None
     return bytes(data)
@@ -288,7 +289,7 @@ def _download(url: str, access: AudioAccess, deadline: float) -> bytes:
         if (target.scheme, target.host, target.port) != origin:
             headers = {}  # credentials go only to the URL's own origin
         if time.monotonic() >= deadline:
-            raise _too_slow(access)
+            raise too_slow(access)
         connection = _connection(target, deadline)
         try:
             location = _get(connection, target, headers, access, deadline)
@@ -329,13 +330,13 @@ def _get(connection: http.client.HTTPConnection, target: _Target, headers: dict[
             if len(data) > access.max_bytes:
                 raise _too_big(access)
         if time.monotonic() >= deadline:  # the watchdog cut it short
-            raise _too_slow(access)
+            raise too_slow(access)
         return bytes(data)
     except APIError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as error:
         if time.monotonic() >= deadline:
-            raise _too_slow(access) from None
+            raise too_slow(access) from None
         reason = "the TLS handshake failed" if isinstance(error, ssl.SSLError) else "the connection failed"
         raise APIError(400, f"could not fetch the audio_url: {reason}") from None
     finally:

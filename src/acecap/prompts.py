@@ -19,6 +19,9 @@ def audio_tokens(samples: int, hop_length: int = 160) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
+_made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # captioner -> its PromptRules
+
+
 class PromptRules:
     """A request's text refused when it holds the model's control tokens or cannot fit the context.
 
@@ -85,6 +88,3 @@ class PromptRules:
                            f"{max_tokens} it passes the model's context of {self.context} tokens; send shorter "
                            "audio, text or max_tokens")  # fmt: skip
         return text_tokens + audio
-
-
-_made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -33,7 +33,7 @@ from .audio import Clip
 from .batching import Batcher, QueueFull
 from .captioner import DEFAULT_MAX_DURATION, Result
 from .chat import APIError, chunk, completion, finish_reason, parse_chat, usage
-from .fetch import AudioAccess, fetch_audio, reaches_out
+from .fetch import AudioAccess, fetch_audio, reaches_out, too_slow
 from .generate import Decoding
 from .hub import served_name
 from .prompts import PromptRules
@@ -145,8 +145,7 @@ async def _audio(source: tuple[str, str], access: AudioAccess, fetch_pool: Threa
     try:
         return await asyncio.wait_for(reading, access.timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(504, f"reading the audio_url took longer than the server's {access.timeout_s:g} s "
-                       "(--fetch-timeout)", kind="timeout_error") from None  # fmt: skip
+        raise too_slow(access) from None
 
 
 def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
