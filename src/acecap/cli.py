@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ACECAP_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $ACECAP_API_KEY; none)",
     )
+    group.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the model's name in /v1/models and answers (the first), and the names requests may "
+                       "use (default: the hub id, or the model folder's name; never its path)")  # fmt: skip
     group.add_argument(
         "--max-batch-size",
         type=int,
@@ -279,7 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--allow-urls", action="store_true",
                        help="let audio_url name http(s) URLs the server fetches (off by default: the server "
-                       "would fetch whatever a client names)")  # fmt: skip
+                       "would fetch whatever a client names); hosts that are not public are refused")  # fmt: skip
+    group.add_argument("--allow-private-urls", nargs="*", metavar="CIDR",
+                       help="with --allow-urls, fetch also from private, loopback, link-local and reserved "
+                       "addresses: those in the networks given (e.g. 10.0.0.0/8), or any without one")  # fmt: skip
+    group.add_argument("--fetch-timeout", type=float, default=60.0,
+                       help="seconds to read a file:// or http(s) audio_url; then 504 (default 60)")  # fmt: skip
+    group.add_argument("--max-fetch-mb", type=float, default=100.0,
+                       help="largest file:// or http(s) audio_url; larger gets 413 (default 100 MiB)")  # fmt: skip
+    group.add_argument("--fetch-workers", type=int, default=32,
+                       help="threads reading file:// and http(s) audio, apart from those checking and decoding "
+                       "requests (default 32)")  # fmt: skip
 
     review = commands.add_parser(
         "review", help="listen to an annotate job's files and check and correct their labels in the browser",
@@ -344,6 +357,8 @@ examples:
   acecap serve --device npu:0 --host 0.0.0.0 --api-key $KEY
   acecap serve --task lyrics --port 8001             the transcriber beside it
   acecap serve --allow-files /data/music             clients may name file:///data/music/... as audio_url
+  acecap serve --model ./acestep-captioner --served-model-name ACE-Step/acestep-captioner
+                                                     a local copy under the hub id clients send
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
 """
 

@@ -230,13 +230,19 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .chat import AudioAccess
+    from .fetch import AudioAccess
     from .serve import ServeConfig, serve
 
     if args.allow_files is not None and not args.allow_files.is_dir():
         raise ValueError(f"--allow-files {args.allow_files}: not a folder")
+    if args.allow_private_urls is not None and not args.allow_urls:
+        raise ValueError("--allow-private-urls widens --allow-urls: give both")
+    private = ("0.0.0.0/0", "::/0") if args.allow_private_urls == [] else tuple(args.allow_private_urls or ())
+    access = AudioAccess(files=args.allow_files, urls=args.allow_urls, private_networks=private,
+                         max_bytes=int(args.max_fetch_mb * 2**20), timeout_s=args.fetch_timeout)  # fmt: skip
     config = ServeConfig(
         api_key=args.api_key or None,
+        served_model_name=tuple(args.served_model_name or ()),
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -244,7 +250,8 @@ def serve_command(args: argparse.Namespace) -> int:
         max_duration=args.max_duration,
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout,
-        access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
+        fetch_workers=args.fetch_workers,
+        access=access,
     )
     serve(_load_captioner(args), config, args.host, args.port)
     return 0

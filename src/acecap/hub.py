@@ -139,3 +139,22 @@ def resolve_model(model: str, hub: str = "auto") -> Path:
 def revision_of(folder: Path) -> str | None:
     """The commit of a hub snapshot folder (…/snapshots/<revision>), or None for a plain folder."""
     return folder.name if folder.parent.name == "snapshots" else None
+
+
+def served_name(model: str) -> str:
+    """The name a server shows for `model`, never a path: a hub id as given; for a folder, the hub id its
+    place in a hub cache tells (a Hugging Face snapshot, a ModelScope cache folder), else the folder's name."""
+    if _is_hub_id(model):
+        return model
+    folder = Path(model).expanduser().resolve()
+    repository = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repository.startswith("models--") and repository.count("--") >= 2:
+        return repository.removeprefix("models--").replace("--", "/", 1)
+    cache = Path(os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")).expanduser().resolve()
+    if folder.is_relative_to(cache):
+        inside = folder.relative_to(cache).parts
+        if inside[:1] == ("models",):
+            inside = inside[1:]
+        if len(inside) == 2:  # owner/name; ModelScope writes a name's dots as "___"
+            return "/".join(inside).replace("___", ".")
+    return folder.name
