@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .lyrics import INSTRUMENTAL
-from .writers import atomic_write
+from .writers import atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
@@ -102,7 +102,7 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
         if overwrite or existing.get(key) in (None, ""):
             merged[key] = value
     if merged != existing or not path.is_file():
-        atomic_write(path, json.dumps(merged, ensure_ascii=False, indent=2) + "\n")
+        atomic_write(path, to_json(merged, indent=2) + "\n")
         written.append(path)
     return written
 
@@ -154,20 +154,37 @@ def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
         "all_instrumental": bool(samples) and all(s["is_instrumental"] for s in samples),
         "genre_ratio": 0,
     }
-    atomic_write(path, json.dumps({"metadata": metadata, "samples": samples}, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, to_json({"metadata": metadata, "samples": samples}, indent=2) + "\n")
     return path
 
 
-def export(records: list[dict], relative: dict[str, Path], formats: list[str], output_dir: Path,
-           sidecar_dir: Path | None = None, overwrite: bool = False) -> list[Path]:  # fmt: skip
-    """Write the ACE-Step `formats` for every song with a successful record; the paths written."""
+def export(
+    records: list[dict],
+    relative: dict[str, Path],
+    formats: list[str],
+    output_dir: Path,
+    sidecar_dir: Path | None = None,
+    overwrite: bool = False,
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write the ACE-Step `formats` for every song with a successful record: the paths written, and (path,
+    reason) for each song or file that could not be (a read-only folder, a name too long), the rest going on."""
     songs = songs_from_records(records, relative)
     written: list[Path] = []
+    failed: list[tuple[str, str]] = []
     if "acestep" in formats:
         for song in songs:
-            written += write_sidecars(song, sidecar_dir, overwrite)
-    if "csv" in formats:
-        written.append(write_csv(songs, output_dir / "dataset.csv"))
-    if "acestep-dataset" in formats:
-        written.append(write_dataset(songs, output_dir / "dataset.json", output_dir.resolve().name))
-    return written
+            try:
+                written += write_sidecars(song, sidecar_dir, overwrite)
+            except OSError as error:
+                failed.append((str(song.audio), error.strerror or str(error)))
+    for name, file_name in (("csv", "dataset.csv"), ("acestep-dataset", "dataset.json")):
+        if name not in formats:
+            continue
+        try:
+            if name == "csv":
+                written.append(write_csv(songs, output_dir / file_name))
+            else:
+                written.append(write_dataset(songs, output_dir / file_name, output_dir.resolve().name))
+        except OSError as error:
+            failed.append((str(output_dir / file_name), error.strerror or str(error)))
+    return written, failed

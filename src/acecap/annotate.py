@@ -8,14 +8,18 @@ per file after every batch. A slow device simply takes fewer chunks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,14 +33,16 @@ from .generate import Decoding
 from .inputs import Item, discover, in_shard
 from .lyrics import INSTRUMENTAL, parse_transcript
 from .model import TASKS
-from .records import RecordWriter, completed, done_key, file_identity, load_records, merge
-from .writers import atomic_write
+from .records import RecordWriter, done_key, file_identity, load_records, merge
+from .writers import atomic_write, check_writable
 
 log = logging.getLogger("acecap")
 
 LONG_AUDIO = ("truncate", "segment", "full")
 SILENT_PEAK = 1e-4  # -80 dBFS: nothing a person would hear
 LONG_FILE_S = 3600.0  # an hour: processed, but probably not a song
+SEGMENT_LIMIT_S = LONG_FILE_S  # --long-audio segment captions at most the first hour (230 MB at 16 kHz)
+META_SECONDS = 120.0  # meta analyses the first two minutes: enough for tempo and key, ~45 MB a minute
 CHUNK_FILES = 64  # at most this many files a worker takes from the queue at a time
 ALL_TASKS = (*TASKS, "meta")  # meta: tempo, key and metre from the signal, no model
 
@@ -61,6 +67,7 @@ class Job:
     segment_seconds: float = 60.0
     overwrite: bool = False
     write_txt: bool = False
+    allow_partial: bool = False  # caption what a file holds when it is shorter than its header says
     shard: tuple[int, int] | None = None
     ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
     ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
@@ -97,7 +104,8 @@ class Summary:
     skipped: int  # finished by an earlier run
     captioned: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
-    not_processed: int = 0  # left when every worker had died
+    not_processed: int = 0  # left when every worker had died, or the run was interrupted
+    interrupted: bool = False  # Ctrl-C: the run stopped early
     audio_seconds: float = 0.0
     elapsed_s: float = 0.0
     per_device: dict[int, dict] = field(default_factory=dict)  # worker rank → device, files, audio_s
@@ -123,15 +131,18 @@ def identity_of(item: Item) -> dict:
     """The file's identity for its record; a file that cannot be stat'ed keeps its path only."""
     try:
         return file_identity(item.path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a name from a manifest
         return {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
 
 
-def decode_item(item: Item) -> Decoded:
+def decode_item(item: Item, max_seconds: float | None = None, allow_partial: bool = False) -> Decoded:
+    """The file's first `max_seconds` as a clip, or why it cannot be used."""
     start = time.perf_counter()
     identity = identity_of(item)
+    if item.error:
+        return Decoded(item, identity, None, item.error, 0.0)
     try:
-        clip = load_audio(item.path)
+        clip = load_audio(item.path, max_seconds, allow_partial)
     except AudioError as error:
         return Decoded(item, identity, None, str(error), time.perf_counter() - start)
     except Exception as error:  # a decoder bug on one file must not end the run
@@ -139,14 +150,14 @@ def decode_item(item: Item) -> Decoded:
     return Decoded(item, identity, clip, None, time.perf_counter() - start)
 
 
-def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
+def _prefetch(work, decode: Callable[[Item], Decoded], threads: int = 2) -> Iterator[list[Decoded]]:
     """Decode the next chunk in background threads while the device works on this one."""
     ready: queue.Queue = queue.Queue(maxsize=1)
 
     def fill() -> None:
         with ThreadPoolExecutor(threads, thread_name_prefix="acecap-decode") as pool:
             for chunk in iter(work.get, None):
-                ready.put(list(pool.map(decode_item, chunk)))
+                ready.put(list(pool.map(decode, chunk)))
         ready.put(None)
 
     threading.Thread(target=fill, daemon=True, name="acecap-prefetch").start()
@@ -156,18 +167,27 @@ def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
 class Worker:
     """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
 
-    def __init__(self, job: Job, captioner, save: Callable[[list[dict], dict[str, Path]], None]):
-        """`save(records, relative)` makes records durable; `relative` maps their paths to output names."""
+    def __init__(self, job: Job, captioner, save: Callable[[list[dict], dict[str, Path]], None], stop=None):
+        """`save(records, relative)` makes records durable; `relative` maps their paths to output names.
+        `stop` (an Event), once set, ends the chunk in flight after its current batch."""
         self.job = job
         self.captioner = captioner
         self.save_records = save
+        self.stop = stop
         self.max_duration = job.max_duration
+        self.read_seconds = META_SECONDS  # how much of each file is decoded: what will be used
         if captioner is not None:
             full = captioner.max_duration_limit(job.decoding)
             self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
+            self.read_seconds = SEGMENT_LIMIT_S if job.long_audio == "segment" else self.max_duration
             self.limits = batch_limits(captioner, job.decoding, job.batch_size)
+        self.decode = functools.partial(decode_item, max_seconds=self.read_seconds, allow_partial=job.allow_partial)
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def record(self, decoded: Decoded, **fields) -> dict:
+        """The file's record; it never raises: whatever goes wrong describing the file becomes its error."""
         clip = decoded.clip
         record = {
             **decoded.identity,
@@ -175,19 +195,29 @@ class Worker:
             "model": self.job.model_name,
             "revision": self.captioner.revision if self.captioner else None,
             "prompt": self.job.prompt_text,
-            "duration": clip.duration if clip else None,
+            "duration": None,
             self.job.task: None,
             "tokens": None,
-            "truncated": bool(
-                clip and self.captioner and self.job.long_audio != "segment" and clip.duration > self.max_duration
-            ),
-            "silent": bool(clip and float(np.abs(clip.samples).max()) < SILENT_PEAK),
-            "long": bool(clip and clip.duration > LONG_FILE_S),
+            "truncated": False,
+            "silent": False,
+            "long": False,
+            "partial": None,
             "device": str(self.captioner.device) if self.captioner else "cpu",
             "dtype": dtype_name(self.captioner.dtype) if self.captioner else None,
             "timings": {"audio_s": decoded.audio_s},
             "error": decoded.error,
         }
+        if clip is not None:
+            try:
+                record.update(
+                    duration=clip.duration,
+                    truncated=bool(self.captioner and clip.duration > self.read_seconds),
+                    silent=bool(float(np.abs(clip.samples).max()) < SILENT_PEAK),
+                    long=clip.duration > LONG_FILE_S,
+                    partial=clip.partial,
+                )
+            except Exception as error:  # one odd file must not end the run
+                record["error"] = f"cannot describe the audio: {type(error).__name__}: {error}"
         record.update(fields)
         return record
 
@@ -207,6 +237,8 @@ class Worker:
     def _whole(self, good: list[Decoded]) -> None:
         by_clip = {id(d.clip): d for d in good}
         for batch in batches([d.clip for d in good], self.max_duration, self.limits):
+            if self.stopped():
+                return
             results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             batch_records = []
             for clip, result in zip(batch, results, strict=True):
@@ -239,6 +271,8 @@ class Worker:
         texts: dict[int, list[dict]] = {id(d): [] for d in good}
         errors: dict[int, str] = {}
         for batch in batches([w[2] for w in windows], self.max_duration, self.limits):
+            if self.stopped():
+                return
             results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
             for clip, result in zip(batch, results, strict=True):
                 decoded, start, _ = by_clip[id(clip)]
@@ -280,6 +314,8 @@ class Worker:
 
         records = []
         for decoded in good:
+            if self.stopped():
+                break
             start = time.perf_counter()
             try:
                 meta = analyse(decoded.clip.samples)
@@ -292,14 +328,29 @@ class Worker:
         self.save(records, good)
 
 
-def write_txt(job: Job, records: list[dict], relative: dict[str, Path]) -> None:
-    """With -f txt: OUT/<relative path>.<task>.txt for each record that has a text."""
-    if not job.write_txt:
-        return
-    for record in records:
-        if record["error"] is None and record["path"] in relative:
-            name = relative[record["path"]].with_suffix(f".{job.task}.txt")
-            atomic_write(job.output_dir / name, record[job.task] + "\n")
+def sidecar_path(job: Job, relative: Path) -> Path:
+    """With -f txt: OUT/<relative path>.<task>.txt."""
+    return job.output_dir / relative.with_suffix(f".{job.task}.txt")
+
+
+def _with_sidecar(job: Job, record: dict, relative: dict[str, Path]) -> dict:
+    """The record after writing its sidecar; an error record if the sidecar cannot be written."""
+    if record["error"] is not None or record["path"] not in relative:
+        return record
+    try:
+        atomic_write(sidecar_path(job, relative[record["path"]]), record[job.task] + "\n")
+    except OSError as error:
+        return {**record, "error": f"cannot write its .{job.task}.txt: {error.strerror or error}"}
+    return record
+
+
+def commit(job: Job, writer: RecordWriter, records: list[dict], relative: dict[str, Path]) -> list[dict]:
+    """Sidecars first, then the records that say their files are done: a kill between the two leaves a
+    sidecar without a record (redone next run), never a record without its sidecar. The records written."""
+    if job.write_txt:
+        records = [_with_sidecar(job, record, relative) for record in records]
+    writer.write(records)
+    return records
 
 
 def load_captioner(job: Job, device: str):
@@ -318,8 +369,33 @@ def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]
     return [(r["path"], r["duration"] or 0.0, r["error"]) for r in records]
 
 
-def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) -> None:
+def _die_with_parent() -> None:
+    """A worker process must stop when the main process dies, even by kill -9, and write no more records:
+    Linux kills it then (parent-death signal); elsewhere a thread watches for the parent to go."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+
+        def watch() -> None:
+            while parent.is_alive():
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="acecap-parent-watch").start()
+    if parent is not None and not parent.is_alive():  # it died before the signal was set up
+        os._exit(1)
+
+
+def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events, stop, in_process: bool) -> None:
     """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
+    if in_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+        _die_with_parent()
     try:
         captioner = load_captioner(job, device)
     except Exception as error:
@@ -328,14 +404,15 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
     writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
 
     def save(records: list[dict], relative: dict[str, Path]) -> None:
-        writer.write(records)
-        write_txt(job, records, relative)
+        records = commit(job, writer, records, relative)
         events.put(("records", rank, summarise_records(records), None))
 
-    worker = Worker(job, captioner, save)
+    worker = Worker(job, captioner, save, stop)
     loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
     events.put(("loaded", rank, *loaded))
-    for chunk in _prefetch(work):
+    for chunk in _prefetch(work, worker.decode):
+        if stop.is_set():
+            break
         worker.run_chunk(chunk)
     events.put(("exit", rank, device, None))
 
@@ -343,26 +420,53 @@ def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) ->
 # ---- the main process: inputs, resume, workers, progress ------------------------------------------
 
 
+def _restore_sidecar(job: Job, record: dict, relative: Path) -> None:
+    """A finished file whose .txt is missing (deleted, or lost by an older version) gets it back from its record."""
+    path = sidecar_path(job, relative)
+    try:
+        if not path.exists():
+            atomic_write(path, record[job.task] + "\n")
+    except OSError as error:
+        log.warning("%s: cannot write it again: %s", path, error.strerror or error)
+
+
 def plan(job: Job) -> tuple[list[Item], int]:
     """The inputs still to do, and how many an earlier run already finished."""
     items = [item for item in discover(job.inputs) if in_shard(item, job.shard)]
-    done = set() if job.overwrite else completed(load_records(job.output_dir))
+    records = [] if job.overwrite else load_records(job.output_dir)
+    done = {done_key(record): record for record in records if not record.get("error")}
     pending = []
     for item in items:
         try:
             identity = file_identity(item.path)
-        except OSError:
+        except (OSError, ValueError):
             pending.append(item)  # reading it will record why it cannot be read
             continue
-        key = done_key({**identity, "model": job.model_name, "task": job.task, "prompt": job.prompt_text})
-        if key not in done:
+        record = done.get(done_key({**identity, "model": job.model_name, "task": job.task, "prompt": job.prompt_text}))
+        if record is None or item.error:
             pending.append(item)
+        elif job.write_txt:
+            _restore_sidecar(job, record, item.relative)
     return pending, len(items) - len(pending)
 
 
-def _start_workers(job: Job, run_id: str, pending: list[Item]):
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started in here ignore Ctrl-C from their first instruction (an ignored signal stays ignored
+    through exec, and Python then leaves it so), so only the main process handles it."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _start_workers(job: Job, run_id: str, pending: list[Item], stop):
     """One thread for a single device; one spawned process per device for several (torch.multiprocessing)."""
-    if len(job.devices) > 1:
+    in_process = len(job.devices) > 1
+    if in_process:
         import torch.multiprocessing as mp
 
         context = mp.get_context("spawn")  # CUDA and NPU runtimes cannot be forked
@@ -376,11 +480,12 @@ def _start_workers(job: Job, run_id: str, pending: list[Item]):
     for _ in job.devices:
         work.put(None)
     workers = [
-        runner(target=_worker_main, args=(job, rank, device, run_id, work, events), daemon=True)
+        runner(target=_worker_main, args=(job, rank, device, run_id, work, events, stop, in_process), daemon=True)
         for rank, device in enumerate(job.devices)
     ]
-    for worker in workers:
-        worker.start()
+    with _sigint_ignored():
+        for worker in workers:
+            worker.start()
     return workers, work, events  # the caller keeps `work` alive: spawned children unpickle it late
 
 
@@ -425,8 +530,53 @@ class Progress:
         self.bar.close()
 
 
-def _run_local(job: Job, run_id: str, pending: list[Item], progress: Progress) -> None:
-    workers, work, events = _start_workers(job, run_id, pending)
+class _Interrupts:
+    """Ctrl-C during a local run: the first lets each worker finish its batch in flight and stop; a second,
+    while workers still run, drops that batch (processes are killed; a thread, which cannot be, is left
+    behind). Presses once the workers are done (the merge) change nothing. Records on disk stay."""
+
+    def __init__(self, stop):
+        self.stop, self.count, self.previous, self.waiting = stop, 0, None, False
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.stop.set()
+            log.warning("stopping after the batch in flight; Ctrl-C again to stop at once")
+        elif self.waiting:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _run_local(job: Job, run_id: str, pending: list[Item], progress: Progress, interrupts: _Interrupts) -> None:
+    """Run the workers until they finish, or Ctrl-C (through `interrupts`) stops them."""
+    workers, work, events = _start_workers(job, run_id, pending, interrupts.stop)
+    interrupts.waiting, dropped = True, False
+    try:
+        _follow(job, workers, events, progress)
+    except KeyboardInterrupt:  # the second Ctrl-C: the batches in flight are dropped
+        dropped = True
+        for worker in workers:
+            if not isinstance(worker, threading.Thread):
+                worker.kill()
+    finally:
+        interrupts.waiting = False
+    for worker in workers:
+        if not (dropped and isinstance(worker, threading.Thread)):
+            worker.join(timeout=5)
+    del work
+
+
+def _follow(job: Job, workers: list, events, progress: Progress) -> None:
+    """Feed the workers' events to progress until every worker has left."""
     live = len(workers)
     while live:
         try:
@@ -445,33 +595,45 @@ def _run_local(job: Job, run_id: str, pending: list[Item], progress: Progress) -
             live -= 1
         elif kind == "records":
             progress.records(rank, device, payload)
-    for worker in workers:
-        worker.join(timeout=5)
-    del work
 
 
 def annotate(job: Job, progress: bool = True) -> Summary:
-    """Run the job; return what happened. Records are in job.output_dir/annotations.jsonl."""
+    """Run the job; return what happened. Records are in job.output_dir/annotations.jsonl.
+
+    Called from the main thread, Ctrl-C stops a local run (see _Interrupts), which then merges what was
+    done and says so in the summary (`interrupted`).
+    """
     started = time.perf_counter()
-    job.output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(job.output_dir)
     pending, skipped = plan(job)
     summary = Summary(total=len(pending) + skipped, skipped=skipped)
     if skipped:
         log.info("%d of %d files were finished by an earlier run", skipped, summary.total)
-    if pending:
-        tracker = Progress(summary, len(pending), progress, started)
-        run_id = uuid.uuid4().hex[:8]
-        if job.ray is not None:
-            from .cluster import run_on_ray
+    with _Interrupts(_stop_event(job)) if job.ray is None else nullcontext() as interrupts:
+        if pending:
+            tracker = Progress(summary, len(pending), progress, started)
+            run_id = uuid.uuid4().hex[:8]
+            if job.ray is not None:
+                from .cluster import run_on_ray
 
-            run_on_ray(job, run_id, pending, tracker)
-        else:
-            _run_local(job, run_id, pending, tracker)
-        tracker.close()
-        summary.not_processed = len(pending) - tracker.seen
-    merge(job.output_dir)
+                run_on_ray(job, run_id, pending, tracker)
+            else:
+                _run_local(job, run_id, pending, tracker, interrupts)
+                summary.interrupted = interrupts.count > 0
+            tracker.close()
+            summary.not_processed = len(pending) - tracker.seen
+        merge(job.output_dir)
     summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+def _stop_event(job: Job):
+    """What tells the workers to stop: shared with spawned processes when there are several."""
+    if len(job.devices) > 1:
+        import torch.multiprocessing as mp
+
+        return mp.get_context("spawn").Event()
+    return threading.Event()
 
 
 def summary_table(summary: Summary) -> str:
@@ -492,7 +654,8 @@ def summary_table(summary: Summary) -> str:
         rate = stats["audio_s"] / summary.elapsed_s if summary.elapsed_s else 0.0
         lines.append(f"  worker {rank} on {stats['device']}: {stats['files']} files, {rate:.1f} audio-s/s")
     if summary.not_processed:
-        lines.append(f"not processed  {summary.not_processed} (no worker left; run the command again)")
+        why = "interrupted" if summary.interrupted else "no worker left"
+        lines.append(f"not processed  {summary.not_processed} ({why}; run the command again)")
     for path, error in summary.failures:
         lines.append(f"  FAILED {path}: {error}")
     return "\n".join(lines)
