@@ -177,23 +177,24 @@ def _download(url: str, access: AudioAccess) -> bytes:
     return data
 
 
-def fetch_audio(source: tuple[str, str], access: AudioAccess) -> Clip:
-    """The request's audio as a clip (blocking: reads, downloads and decodes)."""
+def fetch_audio(source: tuple[str, str], access: AudioAccess, max_seconds: float | None = None) -> Clip:
+    """The request's audio as a clip of at most `max_seconds` (its duration still the whole audio's), blocking:
+    reads, downloads and decodes."""
     kind, value = source
     try:
         if kind == "data":
-            return decode_audio(_base64(value, "input_audio.data"), "input_audio")
+            return decode_audio(_base64(value, "input_audio.data"), "input_audio", max_seconds)
         scheme = urlparse(value).scheme.lower()
         if scheme == "data":
             header, _, payload = value.partition(",")
             if not header.endswith(";base64"):
                 raise APIError(400, "a data: audio_url must be base64 (data:audio/...;base64,...)")
-            return decode_audio(_base64(payload, "the audio_url's data"), "audio_url")
+            return decode_audio(_base64(payload, "the audio_url's data"), "audio_url", max_seconds)
         if scheme == "file":
             path = _allowed_file(value, access)
-            return load_audio(path)
+            return load_audio(path, max_seconds)
         if scheme in ("http", "https"):
-            return decode_audio(_download(value, access), value)
+            return decode_audio(_download(value, access), value, max_seconds)
     except AudioError as error:
         raise APIError(400, f"the audio could not be used: {error}") from None
     raise APIError(400, f"audio_url scheme {scheme!r} is not supported: use data:, file:// or http(s)://")

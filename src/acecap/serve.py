@@ -176,7 +176,8 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
             if parsed.model is not None and parsed.model != model_id:
                 raise APIError(404, f"model {parsed.model!r} is not served here; this server has {model_id!r}",
                                kind="not_found_error", param="model")  # fmt: skip
-            clip = await asyncio.to_thread(fetch_audio, parsed.audio, config.access)
+            # Decodes at most --max-duration; the clip's duration is the whole audio's, from its header.
+            clip = await asyncio.to_thread(fetch_audio, parsed.audio, config.access, config.max_duration)
             if clip.duration > config.max_duration:
                 raise APIError(413, f"the audio is {clip.duration:.1f} s long; this server takes at most "
                                f"{config.max_duration:g} s (--max-duration)")  # fmt: skip
