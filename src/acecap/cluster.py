@@ -19,20 +19,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .annotate import (
-    CHUNK_FILES,
-    Decoded,
-    Job,
-    Progress,
-    Worker,
-    commit,
-    identity_of,
-    load_captioner,
-    summarise_records,
-)
 from .batching import default_batch_size
 from .inputs import Item
+from .job import CHUNK_FILES, Job
+from .progress import Progress
 from .records import RecordWriter
+from .worker import Decoded, Worker, commit, identity_of, load_captioner, summarise_records
 
 log = logging.getLogger("acecap")
 

@@ -23,9 +23,11 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def annotate_command(args: argparse.Namespace) -> int:
     from .acestep import export
-    from .annotate import ALL_TASKS, Job, annotate, summary_table
+    from .annotate import annotate
     from .devices import expand_devices
     from .inputs import discover
+    from .job import ALL_TASKS, Job
+    from .progress import summary_table
     from .records import latest_per_input, load_records
 
     tasks = _tasks(args.tasks, ALL_TASKS)
