@@ -18,22 +18,27 @@ import io
 import math
 import os
 import stat
-import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .lengths import (
+    DECLARING_FORMATS,
+    HEAD_BYTES,
+    bytes_at,
+    measured_end,
+    mp3_declares_length,
+    packet_end,
+    pcm_declared_frames,
+    pyav_open,
+)
 
 SAMPLE_RATE = 16000  # the model's feature extractor expects 16 kHz
 BLOCK_FRAMES = 1 << 16  # frames read at a time
 BLOCK_S = 10  # seconds resampled at a time
 LOW_RATE = 1000  # below this (not audio anyone records) the rate is converted in one go
 PARTIAL_TOLERANCE_S = 0.5  # encoder delay and padding: a file may hold this much less than it declares
-HEAD_BYTES = 1 << 16  # where WAV, AIFF and MP3 headers are looked for
-# PyAV formats whose duration is written in the header (mp4's moov, Matroska's Duration, ASF's header);
-# for others (ADTS aac, …) FFmpeg estimates it from the bitrate, which a cut file would match.
-DECLARING_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "asf"}
 
 
 class AudioError(ValueError):
@@ -118,75 +123,6 @@ def _opened(source: Path | bytes):
     return io.BytesIO(source) if isinstance(source, bytes) else os.fsencode(source)
 
 
-@contextmanager
-def _pyav_open(source: Path | bytes):
-    """A PyAV container over the path or bytes; a name that is not UTF-8 is read through a file object,
-    since PyAV takes names as UTF-8 text."""
-    import av
-
-    if isinstance(source, bytes):
-        with av.open(io.BytesIO(source)) as container:
-            yield container
-        return
-    try:
-        str(source).encode("utf-8")
-    except UnicodeEncodeError:
-        with open(source, "rb") as handle, av.open(handle) as container:
-            yield container
-        return
-    with av.open(str(source)) as container:
-        yield container
-
-
-def _bytes_at(source: Path | bytes, offset: int, count: int) -> bytes:
-    if isinstance(source, bytes):
-        return source[offset : offset + count]
-    with open(source, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(count)
-
-
-def _pcm_declared_frames(head: bytes) -> int | None:
-    """Frames a WAV (RIFF, RIFX, RF64) or AIFF header declares: libsndfile counts only those present."""
-    kind, form = head[:4], head[8:12]
-    if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
-        order, want = ">", b"COMM"
-    elif kind in (b"RIFF", b"RF64", b"RIFX") and form == b"WAVE":
-        order, want = ("<" if kind != b"RIFX" else ">"), b"data"
-    else:
-        return None
-    block_align, data64, at = 0, None, 12
-    while at + 8 <= len(head):
-        name, size = head[at : at + 4], struct.unpack(order + "I", head[at + 4 : at + 8])[0]
-        body = head[at + 8 : at + 8 + min(size, 64)]
-        if name == b"COMM" and want == b"COMM" and len(body) >= 6:
-            return struct.unpack(">I", body[2:6])[0]
-        if name == b"ds64" and len(body) >= 16:
-            data64 = struct.unpack("<Q", body[8:16])[0]
-        if name == b"fmt " and len(body) >= 14:
-            block_align = struct.unpack(order + "H", body[12:14])[0]
-        if name == b"data" and want == b"data":
-            size = data64 if size == 0xFFFFFFFF and data64 is not None else size
-            # 0 or 0xFFFFFFFF: a writer that streamed and never went back to fill the size in.
-            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
-        at += 8 + size + (size & 1)
-    return None
-
-
-def _mp3_declares_length(source: Path | bytes) -> bool:
-    """Whether an MP3 has a Xing/Info or VBRI header (its frame count). Without one, its length is only an
-    estimate from its size and first bitrate, which a cut file matches and a VBR file may miss."""
-    head = _bytes_at(source, 0, 10)
-    offset = 0
-    if head[:3] == b"ID3" and len(head) == 10:  # skip an ID3v2 tag: syncsafe size, plus a footer if flagged
-        offset = 10 + sum((byte & 0x7F) << (7 * (3 - i)) for i, byte in enumerate(head[6:10]))
-        offset += 10 if head[5] & 0x10 else 0
-    frame = _bytes_at(source, offset, 4096)
-    start = frame.find(b"\xff")
-    window = frame[start : start + 200] if start >= 0 else b""
-    return any(tag in window for tag in (b"Xing", b"Info", b"VBRI"))
-
-
 def _read_soundfile(source: Path | bytes, max_seconds: float | None) -> _Read | None:
     """Read via libsndfile, or None if it does not know the format."""
     import soundfile
@@ -200,9 +136,9 @@ def _read_soundfile(source: Path | bytes, max_seconds: float | None) -> _Read | 
         mixer = _Mixer(rate)
         declared, present = None, None
         if handle.format in ("WAV", "WAVEX", "RF64", "AIFF"):
-            declared = _pcm_declared_frames(_bytes_at(source, 0, HEAD_BYTES))
+            declared = pcm_declared_frames(bytes_at(source, 0, HEAD_BYTES))
             present = frames  # libsndfile counts the frames the file holds, whatever its header says
-        elif handle.format == "FLAC" or (handle.format == "MP3" and _mp3_declares_length(source)):
+        elif handle.format == "FLAC" or (handle.format == "MP3" and mp3_declares_length(source)):
             declared = frames or None  # FLAC's STREAMINFO (0: not written), MP3's Xing frame count
         want = frames if max_seconds is None else min(frames, math.ceil(max_seconds * rate))
         failed, ended = None, False
@@ -226,42 +162,17 @@ def _read_soundfile(source: Path | bytes, max_seconds: float | None) -> _Read | 
                 except (soundfile.LibsndfileError, RuntimeError):
                     present = 0
                 if (declared - present) / rate > PARTIAL_TOLERANCE_S:
-                    present = round((_measured_end(source) or read.read_s) * rate)
+                    present = round((measured_end(source) or read.read_s) * rate)
             if (declared - present) / rate > PARTIAL_TOLERANCE_S:
                 read.ends_s = present / rate
         return read
-
-
-def _packet_end(packet, stream) -> float | None:
-    if packet.pts is None:
-        return None
-    return float((packet.pts + (packet.duration or 0)) * stream.time_base)
-
-
-def _measured_end(source: Path | bytes, start_s: float = 0.0) -> float | None:
-    """Where the audio's packets end, read without decoding them (from `start_s`, when the format seeks);
-    None when no packet can be read there."""
-    import av
-
-    end = None
-    try:
-        with _pyav_open(source) as container:
-            stream = container.streams.audio[0]
-            if start_s > 0:
-                container.seek(int(start_s / stream.time_base), stream=stream)
-            for packet in container.demux(stream):
-                found = _packet_end(packet, stream)
-                end = found if end is None or (found is not None and found > end) else end
-    except (av.error.FFmpegError, IndexError, ValueError, OSError):
-        pass  # a cut file's last packet fails to read: the end is the last one read
-    return end
 
 
 def _read_pyav(source: Path | bytes, max_seconds: float | None) -> _Read:
     import av
 
     try:
-        with _pyav_open(source) as container:
+        with pyav_open(source) as container:
             if not container.streams.audio:
                 raise AudioError("no audio stream in the file")
             stream = container.streams.audio[0]
@@ -299,7 +210,7 @@ def _read_pyav(source: Path | bytes, max_seconds: float | None) -> _Read:
                 header_s = mixer.frames / rate
                 try:
                     for packet in container.demux(stream):
-                        header_s = max(header_s, _packet_end(packet, stream) or 0.0)
+                        header_s = max(header_s, packet_end(packet, stream) or 0.0)
                 except av.error.FFmpegError:
                     pass  # a cut file: its length is what its packets reach
     except AudioError:
@@ -312,9 +223,9 @@ def _read_pyav(source: Path | bytes, max_seconds: float | None) -> _Read:
     if not mixer.frames:
         raise AudioError("no audio could be decoded from it (corrupt, or not audio)")
     if stopped and declared and declared - read.read_s > PARTIAL_TOLERANCE_S:
-        ends = _measured_end(source, declared - 1.0)  # the packets of the last second the header promises
+        ends = measured_end(source, declared - 1.0)  # the packets of the last second the header promises
         if ends is None or declared - ends > PARTIAL_TOLERANCE_S:
-            read.ends_s = _measured_end(source) or read.read_s
+            read.ends_s = measured_end(source) or read.read_s
     return read
 
 
