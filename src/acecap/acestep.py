@@ -13,15 +13,17 @@ written whole or not at all.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .lyrics import INSTRUMENTAL
-from .writers import atomic_write
+from .writers import atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
@@ -110,7 +112,7 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
         if overwrite or existing.get(key) in (None, ""):
             merged[key] = value
     if merged != existing or not path.is_file():
-        atomic_write(path, json.dumps(merged, ensure_ascii=False, indent=2) + "\n")
+        atomic_write(path, to_json(merged, indent=2) + "\n")
         written.append(path)
     return written
 
@@ -168,22 +170,36 @@ def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
         "all_instrumental": bool(samples) and all(s["is_instrumental"] for s in samples),
         "genre_ratio": 0,
     }
-    atomic_write(path, json.dumps({"metadata": metadata, "samples": samples}, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, to_json({"metadata": metadata, "samples": samples}, indent=2) + "\n")
     return path
 
 
-def export(records: list[dict], relative: dict[str, Path], formats: list[str], output_dir: Path,
-           sidecar_dir: Path | None = None, overwrite: bool = False, reviews: dict[str, dict] | None = None
-           ) -> list[Path]:  # fmt: skip
-    """Write the ACE-Step `formats` for every song with a successful record, a person's reviewed fields
-    over the machine's (see songs_from_records); the paths written."""
+def export(
+    records: list[dict],
+    relative: dict[str, Path],
+    formats: list[str],
+    output_dir: Path,
+    sidecar_dir: Path | None = None,
+    overwrite: bool = False,
+    reviews: dict[str, dict] | None = None,
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write the ACE-Step `formats` for every song with a successful record, a person's reviewed fields over
+    the machine's (see songs_from_records): the paths written, and (path, reason) for each song or file that
+    could not be (a read-only folder, a name too long), the rest going on."""
     songs = songs_from_records(records, relative, reviews)
-    written: list[Path] = []
+    jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
-        for song in songs:
-            written += write_sidecars(song, sidecar_dir, overwrite)
+        jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite)) for song in songs]
     if "csv" in formats:
-        written.append(write_csv(songs, output_dir / "dataset.csv"))
+        jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:
-        written.append(write_dataset(songs, output_dir / "dataset.json", output_dir.resolve().name))
-    return written
+        path, name = output_dir / "dataset.json", output_dir.resolve().name
+        jobs.append((str(path), lambda: [write_dataset(songs, path, name)]))
+    written: list[Path] = []
+    failed: list[tuple[str, str]] = []
+    for target, write in jobs:
+        try:
+            written += write()
+        except OSError as error:
+            failed.append((target, error.strerror or str(error)))
+    return written, failed

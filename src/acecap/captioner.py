@@ -48,6 +48,7 @@ class Result:
     finished: bool  # False when max_new_tokens cut the text
     duration: float  # seconds of audio in the input
     truncated: bool  # True when only the first `max_duration` seconds were captioned
+    partial: str | None  # how the file falls short of its header (decoded with allow_partial), else None
     captioned_seconds: float
     task: str
     prompt: str
@@ -162,7 +163,7 @@ class Captioner:
                 raise ValueError("an array needs its sample_rate")
             clip = to_clip(audio, sample_rate)
         else:
-            clip = load_audio(audio)
+            clip = load_audio(audio, max_seconds=max_duration)
         audio_s = time.perf_counter() - start
         return self.caption_clips([clip], decoding, max_duration=max_duration, audio_s=[audio_s])[0]
 
@@ -229,6 +230,7 @@ class Captioner:
                     finished=generated.finished[i],
                     duration=clip.duration,
                     truncated=clip.duration > max_duration,
+                    partial=clip.partial,
                     captioned_seconds=len(samples[i]) / SAMPLE_RATE,
                     task=self.task,
                     prompt=prompts[i],

@@ -81,6 +81,10 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-duration", type=float, default=300.0,
                        help="caption at most this many seconds of each file; longer files are truncated "
                        "and flagged (default 300, the model's design; up to ~1290 fits the context)")  # fmt: skip
+    group.add_argument("--allow-partial", action="store_true",
+                       help="caption a file that holds less audio than its header declares (a partial copy or "
+                       "download), or that cannot be decoded to its end, as far as it goes, flagged partial; "
+                       "without it such a file fails")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

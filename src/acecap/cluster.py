@@ -19,21 +19,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .annotate import (
-    CHUNK_FILES,
-    Decoded,
-    Job,
-    Progress,
-    Worker,
-    decode_item,
-    identity_of,
-    load_captioner,
-    summarise_records,
-    write_txt,
-)
 from .batching import default_batch_size
 from .inputs import Item
+from .job import CHUNK_FILES, Job
+from .progress import Progress
 from .records import RecordWriter
+from .worker import Decoded, Worker, commit, identity_of, load_captioner, summarise_records
 
 log = logging.getLogger("acecap")
 
@@ -79,7 +70,7 @@ class Annotator:
 
     def run(self, items: list[Item]) -> list[tuple[list[dict], dict[str, Path]]]:
         with ThreadPoolExecutor(2, thread_name_prefix="acecap-decode") as pool:
-            decoded = list(pool.map(decode_item, items))
+            decoded = list(pool.map(self.worker.decode, items))
         with self.device_lock:
             self.saved = []
             self.worker.run_chunk(decoded)
@@ -139,8 +130,7 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
                 log.error("Ray actor %d is gone; the others go on", rank)
                 devices.pop(rank, None)
         for records, relative in saved:
-            writer.write(records)
-            write_txt(job, records, relative)
+            records = commit(job, writer, records, relative)
             progress.records(rank, devices.get(rank, f"actor {rank}"), summarise_records(records))
         if rank in devices:
             hand_out(rank)

@@ -27,9 +27,11 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def annotate_command(args: argparse.Namespace) -> int:
     from .acestep import export
-    from .annotate import ALL_TASKS, Job, annotate, summary_table
+    from .annotate import annotate
     from .devices import expand_devices
     from .inputs import discover
+    from .job import ALL_TASKS, Job
+    from .progress import summary_table
     from .records import latest_per_input, load_records
     from .reviews import reviewed_fields
 
@@ -60,6 +62,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             segment_seconds=args.segment_seconds,
             overwrite=args.overwrite,
             write_txt="txt" in args.format,
+            allow_partial=args.allow_partial,
             shard=_shard(args.shard),
             ray=args.ray,
             ray_actors=args.ray_actors,
@@ -69,14 +72,25 @@ def annotate_command(args: argparse.Namespace) -> int:
         summary = annotate(job, progress=not args.quiet)
         print(f"{task}:\n{summary_table(summary)}", file=sys.stderr)
         ok &= summary.ok
+        if summary.interrupted:
+            print(f"records: {args.output_dir / 'annotations.jsonl'} (interrupted)", file=sys.stderr)
+            # After a second Ctrl-C a worker thread may still be inside the model's kernels, and exiting the
+            # interpreter around it aborts (C++ terminate): leave at once, the records are merged on disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
     formats = [f for f in args.format if f != "txt"]
     if formats:
         relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
         records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
-        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite, reviews)
+        written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
+                                 reviews)  # fmt: skip
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+        for path, reason in failed:
+            say_error(f"{path}: not written: {reason}")
+        ok &= not failed
     return 0 if ok else 1
 
 
@@ -116,11 +130,17 @@ def say_error(message: str) -> None:
     print(f"acecap: error: {message}", file=sys.stderr)
 
 
+def shown(path) -> str:
+    """A path as any terminal takes it: bytes of its name that are not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _figures(result) -> str:
     t = result.timings
     flags = " [truncated]" if result.truncated else ""
     flags += " [cut at --max-new-tokens]" if not result.finished else ""
-    return (f"{result.source}: {result.duration:.1f} s audio, {result.tokens} tokens, "
+    flags += f" [partial: {result.partial}]" if result.partial else ""
+    return (f"{shown(result.source)}: {result.duration:.1f} s audio, {result.tokens} tokens, "
             f"first token {t.first_token_s * 1000:.0f} ms, {t.decode_tokens_per_s:.1f} tok/s, "
             f"audio decode {t.audio_s * 1000:.0f} ms{flags}")  # fmt: skip
 
@@ -138,32 +158,43 @@ def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
 
 
 def caption_command(args: argparse.Namespace) -> int:
+    """Each file alone: one that cannot be read, captioned or written is reported, and the rest go on (exit 1).
+    Only the model and its device stop the command (exit 2)."""
     from .audio import AudioError, load_audio
-    from .writers import check_unique_names, write_result
+    from .writers import check_unique_names, check_writable, write_result
 
     decoding = _decoding(args)
     if args.output_dir:
         check_unique_names(args.paths)
+        check_writable(args.output_dir)
     captioner = None
     failures = 0
     for path in args.paths:
         start = time.perf_counter()
         try:
-            clip = load_audio(path)
+            clip = load_audio(path, max_seconds=args.max_duration, allow_partial=args.allow_partial)
         except AudioError as error:
-            say_error(f"{path}: {error}")
+            say_error(f"{shown(path)}: {error}")
+            failures += 1
+            continue
+        except Exception as error:  # a decoder's bug on one file
+            say_error(f"{shown(path)}: cannot decode: {type(error).__name__}: {error}")
             failures += 1
             continue
         audio_s = time.perf_counter() - start
         if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
             captioner = _load_captioner(args, args.prompt)
-        result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
-        if len(args.paths) > 1:
-            print(f"# {path}")
-        print(result.text, flush=True)
-        print(_figures(result), file=sys.stderr)
-        if args.output_dir:
-            write_result(result, args.output_dir, args.format)
+        try:
+            result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
+            if len(args.paths) > 1:
+                print(f"# {shown(path)}")
+            print(result.text, flush=True)
+            print(_figures(result), file=sys.stderr)
+            if args.output_dir:
+                write_result(result, args.output_dir, args.format)
+        except (OSError, RuntimeError) as error:  # this file's output, or its batch on the device
+            say_error(f"{shown(path)}: {error}")
+            failures += 1
     return 1 if failures else 0
 
 
@@ -267,8 +298,10 @@ def review_command(args: argparse.Namespace) -> int:
         return 0
     from .reviews import export_reviewed
 
-    written = export_reviewed(args.output_dir, args.export, args.format, args.export_to)
+    written, failed = export_reviewed(args.output_dir, args.export, args.format, args.export_to)
     print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
     for path in written:
         print(path)
-    return 0
+    for path, reason in failed:
+        say_error(f"{path}: not written: {reason}")
+    return 1 if failed else 0

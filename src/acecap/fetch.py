@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http.client
 import ipaddress
 import logging
@@ -76,10 +77,13 @@ def reaches_out(source: tuple[str, str]) -> bool:
     return kind == "url" and _scheme(value) in ("file", "http", "https")
 
 
-def fetch_audio(source: tuple[str, str], access: AudioAccess, deadline: float | None = None) -> Clip:
+def fetch_audio(source: tuple[str, str], access: AudioAccess, deadline: float | None = None,
+                max_seconds: float | None = None) -> Clip:  # fmt: skip
     """The request's audio as a clip (blocking: reads, downloads and decodes). Files and URLs are read by
-    `deadline` (time.monotonic(); default: `access.timeout_s` from now)."""
+    `deadline` (time.monotonic(); default: `access.timeout_s` from now). At most `max_seconds` are decoded;
+    the clip's duration is still the whole audio's, from its header."""
     kind, value = source
+    _decoded = functools.partial(_decode, max_seconds=max_seconds)
     deadline = deadline if deadline is not None else time.monotonic() + access.timeout_s
     if kind == "data":
         return _decoded(_base64(value, "input_audio.data"), "input_audio")
@@ -97,10 +101,10 @@ def fetch_audio(source: tuple[str, str], access: AudioAccess, deadline: float | 
     raise APIError(400, f"audio_url scheme {scheme!r} is not supported: use data:, file:// or http(s)://")
 
 
-def _decoded(data: bytes, source: str) -> Clip:
+def _decode(data: bytes, source: str, max_seconds: float | None) -> Clip:
     """The client's bytes decoded; whatever a decoder raises on them is the bytes' fault, answered with 400."""
     try:
-        return decode_audio(data, source)
+        return decode_audio(data, source, max_seconds)
     except AudioError as error:
         raise APIError(400, f"the audio could not be used: {error}") from None
     except Exception as error:  # a decoder library's own failure on malformed data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class Item:
 
     path: Path
     relative: Path
+    error: str | None = None  # why discovery could not use it: a folder it could not list
 
 
 class ManifestError(ValueError):
@@ -53,20 +55,42 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     return [p if p.is_absolute() else manifest.parent / p for p in map(Path, names)]
 
 
+def _walk(folder: Path) -> list[tuple[Path, str | None]]:
+    """Audio files under `folder` (symlinked folders are not entered, so links cannot loop), and each
+    subfolder that could not be listed, with why: files in it must not vanish without a word."""
+    unlisted: list[OSError] = []
+    found = [
+        (Path(root) / name, None)
+        for root, _, files in os.walk(folder, onerror=unlisted.append)
+        for name in files
+        if Path(name).suffix.lower() in AUDIO_EXTENSIONS
+    ]
+    found += [(Path(e.filename), f"cannot list this folder: {e.strerror or e}") for e in unlisted]
+    return sorted(found)
+
+
 def discover(inputs: list[str | Path]) -> list[Item]:
-    """Expand the inputs into files, in a stable order, each listed once."""
-    items: dict[Path, Item] = {}
+    """Expand the inputs into files, in a stable order, each listed once. Nothing here raises for one bad
+    file: links that loop or lead nowhere and folders that cannot be read become items that say so."""
+    items: dict[str, Item] = {}
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir())
-            pairs = [(p, p.relative_to(entry)) for p in found]
+            pairs = [(p, p.relative_to(entry), error) for p, error in _walk(entry)]
         elif entry.suffix.lower() in MANIFEST_EXTENSIONS and entry.is_file():
-            pairs = [(p, Path(p.name)) for p in _manifest_paths(entry)]
+            pairs = [(p, Path(p.name), None) for p in _manifest_paths(entry)]
         else:  # a file, or a path that does not exist: reading it will say what is wrong
-            pairs = [(entry, Path(entry.name))]
-        for path, relative in pairs:
-            items.setdefault(path.resolve(), Item(path=path, relative=relative))
+            pairs = [(entry, Path(entry.name), None)]
+        for path, relative, error in pairs:
+            items.setdefault(real_path(path), Item(path=path, relative=relative, error=error))
     return list(items.values())
+
+
+def real_path(path: Path) -> str:
+    """The absolute path with symlinks resolved as far as they go (a loop or a NUL does not raise)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return os.path.abspath(path)
 
 
 def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
@@ -74,5 +98,5 @@ def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
     index, count = shard
-    digest = hashlib.sha1(str(item.path.resolve()).encode()).digest()
+    digest = hashlib.sha1(os.fsencode(real_path(item.path))).digest()
     return int.from_bytes(digest[:8], "big") % count == index

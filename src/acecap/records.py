@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from .writers import append_lines, atomic_write
+from .writers import append_lines, atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
@@ -83,7 +83,7 @@ def latest_per_input(records: list[dict]) -> list[dict]:
 def merge(folder: Path) -> list[dict]:
     """Fold all per-process files into annotations.jsonl (atomically) and remove them."""
     records = latest_per_input(load_records(folder))
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = "".join(to_json(r) + "\n" for r in records)
     atomic_write(folder / ANNOTATIONS, text)
     for part in folder.glob(PART_GLOB):
         part.unlink()
@@ -99,4 +99,4 @@ class RecordWriter:
 
     def write(self, records: list[dict]) -> None:
         if records:
-            append_lines(self.path, [json.dumps(r, ensure_ascii=False) for r in records])
+            append_lines(self.path, [to_json(r) for r in records])

@@ -22,7 +22,7 @@ from pathlib import Path
 from .acestep import CSV_HEADER, Song, csv_row, dataset_sample, export, write_sidecars
 from .lyrics import INSTRUMENTAL
 from .records import _read, latest_per_input, load_records
-from .writers import append_lines, atomic_write
+from .writers import append_lines, atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
@@ -149,7 +149,7 @@ def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict
         "fields": {key: fields[key] for key in FIELDS},
         "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    append_lines(Path(folder) / REVIEWS, [json.dumps(review, ensure_ascii=False)])
+    append_lines(Path(folder) / REVIEWS, [to_json(review)])
     return review
 
 
@@ -176,7 +176,7 @@ def write_sidecar_changes(song: Song, changed: dict) -> list[Path]:
             return written  # write_sidecars has warned about it
         if isinstance(data, dict) and any(key in data for key in cleared):
             kept = {key: value for key, value in data.items() if key not in cleared}
-            atomic_write(sidecar, json.dumps(kept, ensure_ascii=False, indent=2) + "\n")
+            atomic_write(sidecar, to_json(kept, indent=2) + "\n")
             written.append(sidecar)
     return written
 
@@ -216,7 +216,7 @@ def _update_dataset(path: Path, songs: list[Song]) -> None:
         if sample.get("audio_path") in new:
             sample.update({key: new[sample["audio_path"]][key] for key in SAMPLE_KEYS})
     dataset.setdefault("metadata", {})["all_instrumental"] = all(s.get("is_instrumental") for s in samples)
-    atomic_write(path, json.dumps(dataset, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, to_json(dataset, indent=2) + "\n")
 
 
 class DatasetFiles:
@@ -273,8 +273,10 @@ class DatasetFiles:
                     self._changed.notify_all()
 
 
-def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None) -> list[Path]:
-    """The ACE-Step `formats` for the approved songs (`which="approved"`) or all of them, reviews applied.
+def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None
+                    ) -> tuple[list[Path], list[tuple[str, str]]]:  # fmt: skip
+    """The ACE-Step `formats` for the approved songs (`which="approved"`) or all of them, reviews applied: the
+    paths written, and (path, reason) for each that could not be.
 
     Sidecars go beside each song (values already in them are kept, as annotate does); dataset.csv and
     dataset.json into `output_dir` (default `folder`)."""

@@ -135,13 +135,16 @@ def _error(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def _audio(source: tuple[str, str], access: AudioAccess, fetch_pool: ThreadPoolExecutor) -> Clip:
-    """The request's audio: carried in the request, decoded on the shared workers; from a file or URL, read
-    on the fetch workers within --fetch-timeout (a source that never ends holds only its own worker)."""
+async def _audio(source: tuple[str, str], access: AudioAccess, fetch_pool: ThreadPoolExecutor,
+                 max_seconds: float) -> Clip:  # fmt: skip
+    """The request's audio, at most `max_seconds` of it decoded: carried in the request, decoded on the shared
+    workers; from a file or URL, read on the fetch workers within --fetch-timeout (a source that never ends
+    holds only its own worker)."""
     if not reaches_out(source):
-        return await asyncio.to_thread(fetch_audio, source, access)
+        return await asyncio.to_thread(fetch_audio, source, access, None, max_seconds)
     deadline = time.monotonic() + access.timeout_s
-    reading = asyncio.get_running_loop().run_in_executor(fetch_pool, fetch_audio, source, access, deadline)
+    reading = asyncio.get_running_loop().run_in_executor(fetch_pool, fetch_audio, source, access, deadline,
+                                                         max_seconds)  # fmt: skip
     try:
         return await asyncio.wait_for(reading, access.timeout_s)
     except asyncio.TimeoutError:
@@ -239,7 +242,8 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
                            kind="not_found_error", param="model")  # fmt: skip
         max_tokens = parsed.decoding.max_new_tokens
         text_tokens = await asyncio.to_thread(rules.text_tokens, parsed.prompt, max_tokens)
-        clip = await _audio(parsed.audio, config.access, fetch_pool)
+        # Decodes at most --max-duration; the clip's duration is the whole audio's, from its header.
+        clip = await _audio(parsed.audio, config.access, fetch_pool, config.max_duration)
         if clip.duration > config.max_duration:
             raise APIError(413, f"the audio is {clip.duration:.1f} s long; this server takes at most "
                            f"{config.max_duration:g} s (--max-duration)")  # fmt: skip
