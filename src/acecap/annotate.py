@@ -64,6 +64,7 @@ class Job:
     shard: tuple[int, int] | None = None
     ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
     ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
+    meta_sources: tuple[str, ...] = ("tags", "signal")  # meta: where tempo and key come from, tags first
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -75,14 +76,16 @@ class Job:
             raise ValueError("--segment-seconds and --max-duration must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if not self.meta_sources or set(self.meta_sources) - {"tags", "signal"}:
+            raise ValueError(f"meta sources {self.meta_sources!r}: use tags, signal or both")
 
     @property
     def model_name(self) -> str:
         """The model as records name it: an absolute folder, a hub id, or the analysis library (meta)."""
         if self.task == "meta":
-            import librosa
+            from .meta import ESTIMATOR
 
-            return f"librosa {librosa.__version__}"
+            return f"{ESTIMATOR} ({','.join(self.meta_sources)})"
         name = self.model or TASKS[self.task].model_id
         return str(Path(name).resolve()) if Path(name).is_dir() else name
 
@@ -276,13 +279,13 @@ class Worker:
 
     def _meta(self, good: list[Decoded]) -> None:
         """Tempo, key and metre of each file, from the signal; a failure is that file's error record."""
-        from .meta import analyse
+        from .meta import describe
 
         records = []
         for decoded in good:
             start = time.perf_counter()
             try:
-                meta = analyse(decoded.clip.samples)
+                meta = describe(decoded.item.path, decoded.clip.samples, self.job.meta_sources)
             except Exception as error:  # one file's analysis failing must not end the run
                 records.append(self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}"))
                 continue

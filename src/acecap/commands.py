@@ -29,6 +29,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .records import latest_per_input, load_records
 
     tasks = _tasks(args.tasks, ALL_TASKS)
+    if not 0.0 <= args.meta_min_confidence <= 1.0:
+        raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
@@ -58,6 +60,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             shard=_shard(args.shard),
             ray=args.ray,
             ray_actors=args.ray_actors,
+            meta_sources=_meta_sources(args.meta_source),
         )
         if len(tasks) > 1:
             log.info("task %s", task)
@@ -69,9 +72,18 @@ def annotate_command(args: argparse.Namespace) -> int:
     if formats:
         relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
         records = latest_per_input(load_records(args.output_dir))
-        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite)
+        written = export(
+            records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite, args.meta_min_confidence
+        )
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _meta_sources(text: str) -> tuple[str, ...]:
+    sources = tuple(dict.fromkeys(source.strip() for source in text.split(",") if source.strip()))
+    if not sources or set(sources) - {"tags", "signal"}:
+        raise ValueError(f"--meta-source {text!r}: use tags, signal or tags,signal")
+    return sources
 
 
 def _tasks(text: str, known: tuple[str, ...]) -> list[str]:

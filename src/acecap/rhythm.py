@@ -172,6 +172,7 @@ def fitted_bpm(envelope: np.ndarray, beats: np.ndarray) -> float:
 
 RATIOS = (1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0)  # the metrical relatives of a first period
 SUBDIVISIONS = (0.0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4)  # where in a beat the accents are sampled
+COMPOUND_THRESHOLD = 0.1  # log ratio of onsets at a beat's thirds to those at its halves: clearly more at thirds
 WEIGHTS = {"prior": 1.0, "uniform": 1.0, "between": 0.25, "periodic": 1.0, "backbeat": 2.0}
 
 
@@ -250,25 +251,23 @@ def metre(e: Envelopes, beats: np.ndarray, harmony: np.ndarray | None = None) ->
 
     Compound when beats divide in three (notes at a third and two thirds of the beat, not at its half; a
     swing's long–short has only the two-thirds); otherwise 3 or 4 by the grouping in which one beat stands
-    out in the kick and bass (downbeats) and in the harmony's changes (`harmony`: change per beat).
+    out: in the kick and bass, in loudness, and in the harmony's changes (`harmony`: change per beat).
     """
     thirds = []
-    for envelope in (e.hats, e.tonal, e.kick + e.snare, e.bass):
+    for envelope in (e.hats, e.tonal):  # the subdividing voices: cymbals, chords and melody
         means = at_fractions(envelope, beats, SUBDIVISIONS).mean(axis=0)
         third, half = min(means[2], means[4]), max(means[1], means[3], means[5])
         thirds.append(np.log((third / means[0] + 0.05) / (half / means[0] + 0.05)))
     ternary = float(np.mean(thirds)) - COMPOUND_THRESHOLD
     if ternary > 0:
         return 6, float(np.clip(ternary / 0.3, 0.0, 1.0))
-    low = np.log1p(at_fractions(e.kick + e.bass, beats, (0.0,))[:, 0])
-    evidence = [low] + ([harmony] if harmony is not None else [])
+    low = np.log1p(at_fractions(e.kick + e.bass, beats, (0.0,))[:, 0])  # downbeats carry the kick and bass
+    loud = np.log1p(at_fractions(e.full, beats, (0.0,))[:, 0])  # and are played harder
+    evidence = [low, loud] + ([harmony] if harmony is not None else [])
     triple = np.mean([_contrast(x, 3) for x in evidence])
     duple = np.mean([max(_contrast(x, 2), _contrast(x, 4)) for x in evidence])
     confidence = min(1.0, -ternary / 0.3) * abs(triple - duple) / (abs(triple) + abs(duple) + 1e-9)
     return (3 if triple > duple else 4), float(np.clip(confidence, 0.0, 1.0))
-
-
-COMPOUND_THRESHOLD = -0.1
 
 
 def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | None = None) -> Rhythm:

@@ -22,9 +22,7 @@ BPM_TAGS = ("TBPM", "BPM", "TEMPO", "TMPO")
 KEY_TAGS = ("TKEY", "INITIALKEY", "INITIAL KEY", "KEY")
 BPM_RANGE = (30, 300)  # what ACE-Step accepts; anything else in a tag is a mistake, not a tempo
 NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-_NOTE = re.compile(
-    r"^([a-g])\s*(#|b|♯|♭|-?sharp|-?flat)?\s*(m|min|minor|maj|major)?$", re.IGNORECASE
-)
+_NOTE = re.compile(r"^([a-g])\s*(#|b|♯|♭|-?sharp|-?flat)?\s*(m|min|minor|maj|major)?$", re.IGNORECASE)
 _WHEEL = re.compile(r"^(1[0-2]|0?[1-9])\s*([abdm])$", re.IGNORECASE)
 
 
