@@ -260,14 +260,14 @@ def metre(e: Envelopes, beats: np.ndarray, harmony: np.ndarray | None = None) ->
         thirds.append(np.log((third / means[0] + 0.05) / (half / means[0] + 0.05)))
     ternary = float(np.mean(thirds)) - COMPOUND_THRESHOLD
     if ternary > 0:
-        return 6, float(np.clip(ternary / 0.3, 0.0, 1.0))
+        return 6, float(1.0 - np.exp(-ternary / 0.3))
     low = np.log1p(at_fractions(e.kick + e.bass, beats, (0.0,))[:, 0])  # downbeats carry the kick and bass
     loud = np.log1p(at_fractions(e.full, beats, (0.0,))[:, 0])  # and are played harder
     evidence = [low, loud] + ([harmony] if harmony is not None else [])
     triple = np.mean([_contrast(x, 3) for x in evidence])
     duple = np.mean([max(_contrast(x, 2), _contrast(x, 4)) for x in evidence])
-    confidence = min(1.0, -ternary / 0.3) * abs(triple - duple) / (abs(triple) + abs(duple) + 1e-9)
-    return (3 if triple > duple else 4), float(np.clip(confidence, 0.0, 1.0))
+    confidence = (1.0 - np.exp(ternary / 0.3)) * abs(triple - duple) / (abs(triple) + abs(duple) + 1e-9)
+    return (3 if triple > duple else 4), float(confidence)
 
 
 def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | None = None) -> Rhythm:

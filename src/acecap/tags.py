@@ -38,7 +38,7 @@ def parse_bpm(text: str) -> int | None:
     match = re.match(r"\s*(\d+(?:[.,]\d+)?)", text or "")
     if not match:
         return None
-    bpm = round(float(match.group(1).replace(",", ".")))
+    bpm = int(float(match.group(1).replace(",", ".")) + 0.5)  # 92.5 is 93, not Python's banker's 92
     return bpm if BPM_RANGE[0] <= bpm <= BPM_RANGE[1] else None
 
 

@@ -6,7 +6,8 @@
 - A median over time keeps what sustains (chords, bass, melody) and drops what does not (drums, attacks),
   as in harmonic/percussive separation (FitzGerald 2010); magnitudes are log-compressed (Müller's CLP).
 - The treble chroma and, at half weight, the bass chroma (where the tonic sits most) are correlated with
-  the 24 rotations of Albrecht & Shanahan's major and minor corpus profiles. A major key and its relative
+  the 24 rotations of Albrecht & Shanahan's major and minor corpus profiles, and so, at less weight, is the
+  chroma of the last seconds: a song's final cadence usually lands on its tonic. A major key and its relative
   minor share their notes; the profiles tell them apart by the weight on the tonic triad and the minor's
   raised seventh, and the bass by which note is home.
 """
@@ -33,6 +34,7 @@ BASS_SEMITONES = 24  # C1 to B2 (33–123 Hz): the bass line
 MAJOR = (0.238, 0.006, 0.111, 0.006, 0.137, 0.094, 0.016, 0.214, 0.009, 0.080, 0.008, 0.081)
 MINOR = (0.220, 0.006, 0.104, 0.123, 0.019, 0.103, 0.012, 0.214, 0.062, 0.022, 0.061, 0.052)
 BASS_WEIGHT = 0.5  # the bass line's chroma counts half as much as the rest: it names the tonic, sparsely
+ENDING_S, ENDING_WEIGHT = 3.0, 0.3  # the final cadence: most songs end on their tonic chord
 KEYS = [f"{PITCHES[tonic]} {mode}" for mode in ("major", "minor") for tonic in range(12)]
 
 
@@ -109,13 +111,24 @@ def correlations(profile: np.ndarray) -> np.ndarray:
     return TEMPLATES @ z / 12.0
 
 
+def ending(c: Chroma) -> np.ndarray:
+    """The chroma of the last ENDING_S seconds before the music stops (trailing quiet and reverb left out)."""
+    both = c.treble + c.bass
+    loudness = both.sum(axis=0)
+    playing = np.nonzero(loudness > 0.2 * loudness.max())[0]
+    last = playing[-1] + 1 if len(playing) else both.shape[1]
+    return both[:, max(0, last - int(ENDING_S * FPS)) : last].mean(axis=1)
+
+
 def key(c: Chroma) -> tuple[str, float]:
-    """The key whose profile best fits the treble and bass chroma, and a confidence: the best key's margin
-    over the runner-up (often its relative or its dominant), as a share of the best's own fit."""
+    """The key whose profile best fits the treble and bass chroma and, less, the ending's (where a song's final
+    cadence sits), and a confidence: the best key's margin over the runner-up (often its relative or its
+    dominant), as a share of the best's own fit."""
     scores = correlations(c.treble.mean(axis=1)) + BASS_WEIGHT * correlations(c.bass.mean(axis=1))
+    scores = scores + ENDING_WEIGHT * correlations(ending(c))
     second, best = np.argsort(scores)[-2:]
     margin = (scores[best] - scores[second]) / (abs(scores[best]) + 1e-9)
-    return KEYS[int(best)], float(np.clip(margin * KEY_CONFIDENCE_SCALE, 0.0, 1.0))
+    return KEYS[int(best)], float(1.0 - np.exp(-max(0.0, margin) * KEY_CONFIDENCE_SCALE))  # never quite 1
 
 
 KEY_CONFIDENCE_SCALE = 10.0
