@@ -52,8 +52,8 @@ class Song:
     def fields(self) -> dict:
         """The song.json keys that have a value, and the trainer's keys with their unknown value where not."""
         values = {key: getattr(self, key) for key in JSON_KEYS}
-        known = {key: value for key, value in values.items() if value is not None}
-        return {**UNKNOWN, **known}
+        return {key: value if value is not None else UNKNOWN[key] for key, value in values.items()
+                if value is not None or key in UNKNOWN}  # fmt: skip
 
 
 def _confident(record: dict, key: str, min_confidence: float):

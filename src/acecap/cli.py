@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where tempo and key come from: tags (the file's BPM and key tags: ID3 TBPM/TKEY, "
                        "Vorbis BPM/INITIALKEY, MP4 tmpo/initialkey; Camelot and Open Key read too), signal (estimated "
                        "from the audio), or tags,signal: tags where present, else the signal (default). The time "
-                       "signature always comes from the signal")  # fmt: skip
+                       "signature is never in tags: it comes from the signal (unknown with tags alone)")  # fmt: skip
     group.add_argument("--meta-min-confidence", type=float, default=0.3, metavar="C",
                        help="in the ACE-Step files (-f acestep, csv, acestep-dataset), write a tempo, key or time "
                        "signature whose confidence is below C as unknown rather than guess; annotations.jsonl keeps "
