@@ -71,15 +71,20 @@ def analyse(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Meta:
     return Meta(
         duration=duration,
         bpm=int(round(found.bpm)) if found.bpm else None,
-        bpm_confidence=round(found.bpm_confidence, 3),
+        bpm_confidence=_estimated(found.bpm_confidence),
         keyscale=key,
-        keyscale_confidence=round(key_confidence, 3),
+        keyscale_confidence=_estimated(key_confidence),
         timesignature=found.beats_per_bar,
-        timesignature_confidence=round(found.metre_confidence, 3),
+        timesignature_confidence=_estimated(found.metre_confidence),
         bpm_source="signal" if found.bpm else None,
         keyscale_source="signal",
         timesignature_source="signal" if found.beats_per_bar else None,
     )
+
+
+def _estimated(confidence: float) -> float:
+    """An estimate's confidence, rounded, and below 1: only a tag is taken as certain."""
+    return min(round(float(confidence), 3), 0.999)
 
 
 def describe(path: str | Path, samples: np.ndarray, sources: tuple[str, ...] = SOURCES) -> Meta:

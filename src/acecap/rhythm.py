@@ -6,10 +6,10 @@ Following Goto (2001), the beat is decided from where the kick and the snare fal
 percussive/harmonic split (FitzGerald 2010) of a log-mel spectrogram gives separate onset envelopes for
 the low band (kick), the middle (snare, claps) and the top (hi-hats, cymbals), plus the bass line's onsets
 for music without drums. The periodicity of their sum under a log-normal tempo prior (as librosa's) gives
-a first period; of it and its relatives (×2, ×½, ×3/2, ×⅔) the beat is the level whose points all carry
-the accents while the points between them do not. The tempo is then the slope of the tracked beats (drift
-averages out), and the metre comes from how beats subdivide (2 or 3) and group (3 or 4) in the accents
-and the bass.
+a first period; of it and its relatives (×⅓, ×½, ×⅔, ×3/2, ×2, ×3) the beat is the level whose points all
+carry the accents while the points between them do not, near the tempi people tap, and where the snare
+alternates from beat to beat. The tempo is then the slope of the tracked beats (drift
+averages out), and the metre comes from how beats subdivide (2 or 3) and group (3 or 4).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ N_MELS = 48
 LOW_HZ, HIGH_HZ = 160.0, 3000.0  # below: kick and bass; above: hi-hats and cymbals
 TEMPO_RANGE = (40.0, 240.0)
 PRIOR_BPM, PRIOR_OCTAVES = 100.0, 1.0  # a broad log-normal prior over felt tempi
+RATIOS = (1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0)  # the metrical relatives of a first period
+SUBDIVISIONS = (0.0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4)  # where in a beat the accents are sampled
+COMPOUND_THRESHOLD = 0.1  # log ratio of onsets at a beat's thirds to those at its halves: clearly more at thirds
+WEIGHTS = {"prior": 1.0, "uniform": 1.0, "between": 0.25, "periodic": 1.0, "backbeat": 2.0}
 
 
 @dataclass
@@ -43,8 +47,19 @@ class Envelopes:
 
     @property
     def accent(self) -> np.ndarray:
-        """What marks beats: kick and snare, and the bass line (for music without drums); not hi-hats."""
-        return self.kick + self.snare + 0.5 * self.bass
+        """What a beat carries: kick, snare, the bass line and chord or melody notes, not hi-hats; compressed,
+        as loudness is, so that a beat with some accent counts nearly as much as one with a loud one."""
+        return np.log1p((self.kick + self.snare + 0.5 * self.bass + self.tonal) / 4.0)
+
+    @property
+    def voices(self) -> np.ndarray:
+        """The separated voices whose periodicity gives the first period."""
+        return self.kick + self.snare + self.bass + 0.5 * self.tonal
+
+    @property
+    def onsets(self) -> np.ndarray:
+        """Everything that marks time, to follow beats with and to time them by."""
+        return self.full + self.voices
 
 
 @dataclass(frozen=True)
@@ -170,18 +185,6 @@ def fitted_bpm(envelope: np.ndarray, beats: np.ndarray) -> float:
     return _bpm(slope)
 
 
-RATIOS = (1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0)  # the metrical relatives of a first period
-SUBDIVISIONS = (0.0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4)  # where in a beat the accents are sampled
-COMPOUND_THRESHOLD = 0.1  # log ratio of onsets at a beat's thirds to those at its halves: clearly more at thirds
-WEIGHTS = {"prior": 1.0, "uniform": 1.0, "between": 0.25, "periodic": 1.0, "backbeat": 2.0}
-
-
-def _accent(e: Envelopes) -> np.ndarray:
-    """What a beat carries: kick, snare, the bass line and chord or melody notes, not hi-hats; compressed,
-    as loudness is, so that a beat with some accent counts more nearly as much as one with a loud one."""
-    return np.log1p((e.kick + e.snare + 0.5 * e.bass + e.tonal) / 4.0)
-
-
 def _level(e: Envelopes, accent: np.ndarray, onsets: np.ndarray, periodicity: float, lag: float) -> Level:
     """Track beats at `lag` and score the level (in log terms, each term a property of a beat level):
     - prior: felt tempi cluster around PRIOR_BPM (Moelants 2002; librosa's prior);
@@ -216,9 +219,8 @@ def _level(e: Envelopes, accent: np.ndarray, onsets: np.ndarray, periodicity: fl
 
 def beat_level(e: Envelopes) -> tuple[Level | None, float]:
     """The beat level and a confidence: the chosen level's share of the candidates' likelihood."""
-    accent = _accent(e)
-    mix = e.kick + e.snare + e.bass + 0.5 * e.tonal
-    acf = autocorrelation(mix)
+    accent, onsets = e.accent, e.onsets
+    acf = autocorrelation(e.voices)
     parts = [autocorrelation(x) for x in (e.kick + e.snare, e.bass, e.tonal)]
     first = first_period(acf)
     levels = []
@@ -228,7 +230,7 @@ def beat_level(e: Envelopes) -> tuple[Level | None, float]:
             continue
         lag = _peak_lag(acf, lag, 0.04)
         periodicity = float(np.mean([part[int(round(lag))] for part in parts]))
-        levels.append(_level(e, accent, e.full + mix, periodicity, lag))
+        levels.append(_level(e, accent, onsets, periodicity, lag))
     scores = np.array([level.score for level in levels])
     if not np.isfinite(scores).any():
         return None, 0.0
@@ -276,6 +278,6 @@ def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | N
     level, confidence = beat_level(e)
     if level is None:
         return Rhythm(None, 0.0, None, 0.0, np.zeros(0, dtype=int))
-    bpm = fitted_bpm(e.full + e.kick + e.snare + e.bass + 0.5 * e.tonal, level.beats)
+    bpm = fitted_bpm(e.onsets, level.beats)
     beats_per_bar, metre_confidence = metre(e, level.beats, harmony(level.beats) if harmony else None)
     return Rhythm(bpm, confidence, beats_per_bar, metre_confidence, level.beats)
