@@ -2,11 +2,13 @@
 
 - `acestep`: beside each song (or mirrored under a folder), `song.caption.txt`, `song.lyrics.txt` and
   `song.json` (caption, bpm, keyscale, timesignature, language, duration, is_instrumental), the files its
-  dataset scanner reads.
+  dataset scanner reads. Every song.json carries the keys the trainer reads: `bpm` null, `keyscale` and
+  `timesignature` empty and `language` "unknown" when not known (the ACE-Step UI's own conventions).
 - `csv`: one `File, BPM, Key, Caption` table, which the scanner ranks above both.
 - `acestep-dataset`: the dataset JSON the ACE-Step UI saves (`metadata` and `samples[]`).
 
-A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. Every file is
+A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A tempo, key or
+time signature whose confidence is below `min_confidence` is written as unknown, not guessed. Every file is
 written whole or not at all.
 """
 
@@ -29,6 +31,7 @@ log = logging.getLogger("acecap")
 
 FORMATS = ("acestep", "csv", "acestep-dataset")
 JSON_KEYS = ("caption", "bpm", "keyscale", "timesignature", "language", "duration", "is_instrumental", "genre")
+UNKNOWN = {"bpm": None, "keyscale": "", "timesignature": "", "language": "unknown"}  # written when not known
 
 
 @dataclass
@@ -49,15 +52,23 @@ class Song:
     genre: str | None = None
 
     def fields(self) -> dict:
-        """The song.json keys that have a value."""
+        """The song.json keys that have a value, and the trainer's keys with their unknown value where not."""
         values = {key: getattr(self, key) for key in JSON_KEYS}
-        return {key: value for key, value in values.items() if value is not None}
+        return {key: value if value is not None else UNKNOWN[key] for key, value in values.items()
+                if value is not None or key in UNKNOWN}  # fmt: skip
 
 
-def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: dict[str, dict] | None = None
-                       ) -> list[Song]:  # fmt: skip
-    """One Song per audio file with at least one successful record, fields from each task's record, then
-    from its latest review (`reviews`: record path → the fields a person saved), which wins."""
+def _confident(record: dict, key: str, min_confidence: float):
+    """The record's value, or None when its confidence is below `min_confidence` (tags have confidence 1)."""
+    confidence = record.get(f"{key}_confidence")
+    return record.get(key) if confidence is None or confidence >= min_confidence else None
+
+
+def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: dict[str, dict] | None = None,
+                       min_confidence: float = 0.0) -> list[Song]:  # fmt: skip
+    """One Song per audio file with at least one successful record, fields from each task's record (meta values
+    below `min_confidence` left unknown), then from its latest review (`reviews`: record path → the fields a
+    person saved), which wins."""
     songs: dict[str, Song] = {}
     for record in records:
         if record.get("error") or record["path"] not in relative:
@@ -72,8 +83,8 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
             song.lyrics, song.raw_lyrics = record["lyrics"], record.get("raw_lyrics")
             song.language, song.is_instrumental = record.get("language"), record.get("is_instrumental")
         elif record["task"] == "meta":
-            song.bpm, song.keyscale = record.get("bpm"), record.get("keyscale")
-            beats = record.get("timesignature")
+            song.bpm, song.keyscale = (_confident(record, key, min_confidence) for key in ("bpm", "keyscale"))
+            beats = _confident(record, "timesignature", min_confidence)
             song.timesignature = str(beats) if beats is not None else None
     for path, fields in (reviews or {}).items():
         if path in songs:
@@ -109,7 +120,9 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
             return written
     merged = dict(existing)
     for key, value in song.fields().items():
-        if overwrite or existing.get(key) in (None, ""):
+        empty = existing.get(key) in (None, "", UNKNOWN.get(key))
+        unknown = value is None or value == UNKNOWN.get(key)
+        if empty or (overwrite and not unknown):  # an unknown never replaces a value, even with --overwrite
             merged[key] = value
     if merged != existing or not path.is_file():
         atomic_write(path, to_json(merged, indent=2) + "\n")
@@ -182,11 +195,12 @@ def export(
     sidecar_dir: Path | None = None,
     overwrite: bool = False,
     reviews: dict[str, dict] | None = None,
+    min_confidence: float = 0.0,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Write the ACE-Step `formats` for every song with a successful record, a person's reviewed fields over
-    the machine's (see songs_from_records): the paths written, and (path, reason) for each song or file that
-    could not be (a read-only folder, a name too long), the rest going on."""
-    songs = songs_from_records(records, relative, reviews)
+    """Write the ACE-Step `formats` for every song with a successful record (see songs_from_records: reviews
+    win, meta values below `min_confidence` are left unknown): the paths written, and (path, reason) for each
+    song or file that could not be (a read-only folder, a name too long), the rest going on."""
+    songs = songs_from_records(records, relative, reviews, min_confidence)
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
         jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite)) for song in songs]

@@ -162,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "array --array=0-7 passes --shard $SLURM_ARRAY_TASK_ID/8; Kubernetes indexed jobs "
                        "$JOB_COMPLETION_INDEX/8)")  # fmt: skip
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+    group = annotate.add_argument_group("the meta task (tempo, key, time signature)")
+    group.add_argument("--meta-source", default="tags,signal", metavar="SOURCES",
+                       help="where tempo and key come from: tags (the file's BPM and key tags: ID3 TBPM/TKEY, "
+                       "Vorbis BPM/INITIALKEY, MP4 tmpo/initialkey; Camelot and Open Key read too), signal (estimated "
+                       "from the audio), or tags,signal: tags where present, else the signal (default). The time "
+                       "signature is never in tags: it comes from the signal (unknown with tags alone)")  # fmt: skip
+    group.add_argument("--meta-min-confidence", type=float, default=0.3, metavar="C",
+                       help="in the ACE-Step files (-f acestep, csv, acestep-dataset), write a tempo, key or time "
+                       "signature whose confidence is below C as unknown rather than guess; annotations.jsonl keeps "
+                       "every value with its confidence and source. 0 writes all (default 0.3)")  # fmt: skip
     group = annotate.add_argument_group("Ray cluster (pip install 'acecap[ray]')")
     group.add_argument(
         "--ray",

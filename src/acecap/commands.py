@@ -36,6 +36,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .reviews import reviewed_fields
 
     tasks = _tasks(args.tasks, ALL_TASKS)
+    if not 0.0 <= args.meta_min_confidence <= 1.0:
+        raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
@@ -66,6 +68,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             shard=_shard(args.shard),
             ray=args.ray,
             ray_actors=args.ray_actors,
+            meta_sources=_meta_sources(args.meta_source),
         )
         if len(tasks) > 1:
             log.info("task %s", task)
@@ -86,12 +89,19 @@ def annotate_command(args: argparse.Namespace) -> int:
         records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
         written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
-                                 reviews)  # fmt: skip
+                                 reviews, args.meta_min_confidence)  # fmt: skip
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
         for path, reason in failed:
             say_error(f"{path}: not written: {reason}")
         ok &= not failed
     return 0 if ok else 1
+
+
+def _meta_sources(text: str) -> tuple[str, ...]:
+    sources = tuple(dict.fromkeys(source.strip() for source in text.split(",") if source.strip()))
+    if not sources or set(sources) - {"tags", "signal"}:
+        raise ValueError(f"--meta-source {text!r}: use tags, signal or tags,signal")
+    return sources
 
 
 def _tasks(text: str, known: tuple[str, ...]) -> list[str]:

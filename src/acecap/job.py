@@ -37,6 +37,7 @@ class Job:
     shard: tuple[int, int] | None = None
     ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
     ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
+    meta_sources: tuple[str, ...] = ("tags", "signal")  # meta: where tempo and key come from, tags first
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -48,14 +49,16 @@ class Job:
             raise ValueError("--segment-seconds and --max-duration must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if not self.meta_sources or set(self.meta_sources) - {"tags", "signal"}:
+            raise ValueError(f"meta sources {self.meta_sources!r}: use tags, signal or both")
 
     @property
     def model_name(self) -> str:
         """The model as records name it: an absolute folder, a hub id, or the analysis library (meta)."""
         if self.task == "meta":
-            import librosa
+            from .meta import ESTIMATOR
 
-            return f"librosa {librosa.__version__}"
+            return f"{ESTIMATOR} ({','.join(self.meta_sources)})"
         name = self.model or TASKS[self.task].model_id
         return str(Path(name).resolve()) if Path(name).is_dir() else name
 

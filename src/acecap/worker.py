@@ -230,7 +230,7 @@ class Worker:
 
     def _meta(self, good: list[Decoded]) -> None:
         """Tempo, key and metre of each file, from the signal; a failure is that file's error record."""
-        from .meta import analyse
+        from .meta import describe
 
         records = []
         for decoded in good:
@@ -238,7 +238,7 @@ class Worker:
                 break
             start = time.perf_counter()
             try:
-                meta = analyse(decoded.clip.samples)
+                meta = describe(decoded.item.path, decoded.clip.samples, self.job.meta_sources)
             except Exception as error:  # one file's analysis failing must not end the run
                 records.append(self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}"))
                 continue
