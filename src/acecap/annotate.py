@@ -53,6 +53,7 @@ class Job:
     devices: list[str] = field(default_factory=lambda: ["auto"])
     dtype: str = "auto"
     decoder: str = "auto"
+    quant: str = "none"
     prompt: str | None = None
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int | None = None
@@ -185,6 +186,7 @@ class Worker:
             "long": bool(clip and clip.duration > LONG_FILE_S),
             "device": str(self.captioner.device) if self.captioner else "cpu",
             "dtype": dtype_name(self.captioner.dtype) if self.captioner else None,
+            "quant": self.captioner.quant if self.captioner else None,
             "timings": {"audio_s": decoded.audio_s},
             "error": decoded.error,
         }
@@ -308,9 +310,8 @@ def load_captioner(job: Job, device: str):
 
     if job.task == "meta":
         return None
-    return Captioner.from_pretrained(
-        job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub, prompt=job.prompt, decoder=job.decoder
-    )
+    return Captioner.from_pretrained(job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub,
+                                     prompt=job.prompt, decoder=job.decoder, quant=job.quant)  # fmt: skip
 
 
 def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]]:
