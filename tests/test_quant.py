@@ -15,7 +15,7 @@ from acecap.compare import Side, compare, parse_side
 from acecap.compat import text_model
 from acecap.decode import Decoder
 from acecap.devices import compiler
-from acecap.doctor import quant_lines, thinker_shapes_7b
+from acecap.doctor import quant_lines, thinker_shapes
 from acecap.model import RESIDENT_PARAMETERS_7B, checkpoint_shapes
 from acecap.quant import QUANTIZED_WEIGHT, QuantError, check, int4_group, resident_bytes, tensor_bytes
 
@@ -51,7 +51,7 @@ def test_resident_bytes_from_the_checkpoint_shapes_are_the_loaded_models(tiny_mo
 
 def test_int4_groups_and_the_7b_figures():
     assert [int4_group(n) for n in (3584, 18944, 64, 96, 100)] == [128, 128, 64, 32, None]
-    shapes = thinker_shapes_7b()
+    shapes = thinker_shapes()
     assert sum(np.prod(shape) for _, shape in shapes) == RESIDENT_PARAMETERS_7B
     bf16 = resident_bytes(shapes, "none", torch.bfloat16)
     quantized = sum(np.prod(shape) for name, shape in shapes if QUANTIZED_WEIGHT.match(name))
@@ -192,3 +192,19 @@ def test_without_torchao_the_error_says_what_to_install(tiny_model, audio_dir):
     )  # fmt: skip
     assert done.returncode == 2
     assert "--quant int8 needs torchao: pip install 'acecap[quant]'" in done.stderr
+
+
+def test_the_memory_benchmark_measures_what_acecap_computes(tmp_path):
+    from test_benchmarks import load_program
+
+    report = load_program("quant").main(["--shape", "tiny", "--quants", "int8,int4", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "quant-memory-tiny-cpu.json").read_text())
+    table = (tmp_path / "quant-memory-tiny-cpu.md").read_text()
+    for row in report["rows"]:
+        assert row["weight_bytes"] == row["computed_bytes"]  # built one layer at a time, in a process of its own
+        assert row["peak_rss_bytes"] >= row["rss_after_bytes"] > row["rss_before_bytes"]
+        share = row["weight_bytes"] / report["bf16_weight_bytes"]
+        assert (
+            f"| {row['quant']} | {row['weight_bytes'] / GiB:.2f} | {row['computed_bytes'] / GiB:.2f} | {share:.0%} |"
+            in table
+        )

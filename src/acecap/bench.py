@@ -159,6 +159,7 @@ def random_quantized_thinker(shape: str, device: torch.device, quant: str, seed:
     for layer in text_model(thinker).layers:
         _fill(layer, device, config.initializer_range, generator)
         quantize_layer(layer, quant)
+        devices.release_host_memory()
     _fill(thinker, device, config.initializer_range, generator)  # the rest: audio encoder, embeddings, head
     return thinker.to(device)
 

@@ -297,6 +297,19 @@ def share_malloc_arena() -> None:
             pass
 
 
+def release_host_memory() -> None:
+    """Give host memory freed by large tensors back to the system.
+
+    glibc keeps it for reuse, so a model quantized layer by layer would otherwise hold about twice its final
+    size in resident memory (measured: 1.9 GB for 0.93 GB of int8 weights in the small shape).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def choose_compiler(kind: str, torchair_installed: bool) -> tuple[str | None, str]:
     """The torch.compile backend for the decode step on a device kind, or None and why it decodes eagerly."""
     if kind in ("cpu", "cuda"):

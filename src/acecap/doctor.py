@@ -64,8 +64,9 @@ def environment_lines() -> list[str]:
     return lines
 
 
-def thinker_shapes_7b() -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor the released thinker holds in acecap, from its config (built on meta)."""
+def thinker_shapes(shape: str = "7b") -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the thinker holds in acecap (default: the released model's shapes), from
+    its config, built on the meta device."""
     import torch
     from transformers import Qwen2_5OmniThinkerConfig
 
@@ -73,7 +74,7 @@ def thinker_shapes_7b() -> list[tuple[str, tuple[int, ...]]]:
     from .tiny import full_config
 
     with torch.device("meta"):
-        thinker = AudioThinker(Qwen2_5OmniThinkerConfig(**full_config("7b")["thinker_config"]))
+        thinker = AudioThinker(Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"]))
     return [(name, tuple(tensor.shape)) for name, tensor in thinker.state_dict().items()]
 
 
@@ -84,7 +85,7 @@ def quant_lines(device, dtype, memory: tuple[int, int] | None) -> list[str]:
     free = memory[0] if memory else None
     head = f", {_gib(free)} free now" if free is not None else ""
     lines = [f"real model    ACE-Step thinker weights on {device}{head}:"]
-    shapes = thinker_shapes_7b()
+    shapes = thinker_shapes()
     rows = [("none", dtype)] + ([("none", torch.bfloat16)] if dtype != torch.bfloat16 else [])
     rows += [(quant, torch.bfloat16) for quant in quantization.QUANTS if quant != "none"]
     for quant, weights_dtype in rows:

@@ -123,11 +123,12 @@ def quantize_onto(thinker, device: torch.device, quant: str) -> None:
     The device never holds more than the quantized layers so far and one 16-bit layer, so a model whose
     16-bit weights do not fit the card can still be loaded onto it quantized.
     """
-    from . import compat
+    from . import compat, devices
 
     for layer in compat.text_model(thinker).layers:
         layer.to(device)
         quantize_layer(layer, quant)
+        devices.release_host_memory()  # the layer's 16-bit weights, on the host
     thinker.to(device)  # the rest: audio encoder, embeddings, norms, output head
 
 
