@@ -14,8 +14,8 @@
 #   torchao-0.18.0-cp310-abi3-manylinux_2_24_x86_64.whl   (pip download --no-deps -d .whl torchao==0.18.0;
 #                                                           its compiled kernels need torch >= 2.11; FP8 uses
 #                                                           torch._scaled_mm, int4 torch's tinygemm kernel)
-# Step time limits (s): doctor 40, each bench run 45 (30 s clips) or 75 (180 s clips), checkpoint 60,
-# compare 110: at most 440 s, about 230-260 s expected. A step that runs out keeps what it wrote.
+# Step time limits (s): doctor 40, each bench run 45 (30 s clips) or 75 (180 s clips), checkpoint 90,
+# compare 110: at most 470 s, about 240-300 s expected. A step that runs out keeps what it wrote.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-device-quant}}
@@ -50,7 +50,7 @@ done
 
 # A checkpoint written by transformers itself (thinker only, its own key names and config), not by acecap.
 checkpoint=${CHECKPOINT_DIR:-/tmp/acecap-hf-thinker-$shape}
-step checkpoint 60 python - "$checkpoint" "$shape" "$device" <<'EOF'
+step checkpoint 90 python - "$checkpoint" "$shape" "$device" <<'EOF'
 import shutil, sys, tempfile, time
 from pathlib import Path
 

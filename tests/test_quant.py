@@ -208,3 +208,15 @@ def test_the_memory_benchmark_measures_what_acecap_computes(tmp_path):
             f"| {row['quant']} | {row['weight_bytes'] / GiB:.2f} | {row['computed_bytes'] / GiB:.2f} | {share:.0%} |"
             in table
         )
+
+
+def test_bench_measures_quantized_weights(tmp_path):
+    from acecap.bench import bench
+
+    report = bench(shape="tiny", device="cpu", quant="int4", decoders=["static"], batch_sizes=[1], seconds=1.0,
+                   tokens=3, repeats=1, output_dir=tmp_path, log=lambda line: None)  # fmt: skip
+    setup, (run,) = report["setup"], report["runs"]
+    assert setup["quant"] == "int4" and setup["dtype"] == "bf16" and run["error"] is None
+    bf16 = resident_bytes(thinker_shapes("tiny"), "none", torch.bfloat16)
+    assert setup["weight_bytes"] < bf16
+    assert f"int4 weights, {setup['weight_bytes'] / GiB:.1f} GiB" in (tmp_path / "bench.md").read_text()
