@@ -198,7 +198,8 @@ def test_without_torchao_the_error_says_what_to_install(tiny_model, audio_dir):
 def test_the_memory_benchmark_measures_what_acecap_computes(tmp_path):
     from test_benchmarks import load_program
 
-    report = load_program("quant").main(["--shape", "tiny", "--quants", "int8,int4", "-o", str(tmp_path)])
+    args = ["--shape", "tiny", "--quants", "none,int4", "--steps", "2", "-o", str(tmp_path)]
+    report = load_program("quant").main(args)
     assert report == json.loads((tmp_path / "quant-memory-tiny-cpu.json").read_text())
     table = (tmp_path / "quant-memory-tiny-cpu.md").read_text()
     for row in report["rows"]:
@@ -209,6 +210,10 @@ def test_the_memory_benchmark_measures_what_acecap_computes(tmp_path):
             f"| {row['quant']} | {row['weight_bytes'] / GiB:.2f} | {row['computed_bytes'] / GiB:.2f} | {share:.0%} |"
             in table
         )
+        ratio = row["step_cpu_s"] / report["rows"][0]["step_cpu_s"]  # against the first row, bf16
+        assert (
+            f"| {row['quant']} | {row['step_cpu_s'] * 1000:.1f} | {1 / row['step_cpu_s']:.1f} | {ratio:.2f}× |" in table
+        )
 
 
 def test_bench_measures_quantized_weights(tmp_path):
@@ -218,6 +223,5 @@ def test_bench_measures_quantized_weights(tmp_path):
                    tokens=3, repeats=1, output_dir=tmp_path, log=lambda line: None)  # fmt: skip
     setup, (run,) = report["setup"], report["runs"]
     assert setup["quant"] == "int4" and setup["dtype"] == "bf16" and run["error"] is None
-    bf16 = resident_bytes(thinker_shapes("tiny"), "none", torch.bfloat16)
-    assert setup["weight_bytes"] < bf16
+    assert setup["weight_bytes"] == resident_bytes(thinker_shapes("tiny"), "int4", torch.bfloat16)
     assert f"int4 weights, {setup['weight_bytes'] / GiB:.1f} GiB" in (tmp_path / "bench.md").read_text()

@@ -23,7 +23,7 @@ from .audio import SAMPLE_RATE, Clip
 from .captioner import AUDIO_TOKENS_PER_SECOND, Captioner
 from .decode import cache_bytes_per_token, choose_decoder
 from .generate import Decoding
-from .quant import model_bytes, quantize_layer, tensor_bytes
+from .quant import quantize_layer, tensor_bytes
 
 # Memory bandwidth (bytes/s) of the cards whose peak we know, matched on the device name.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "910B": 1.6e12}
@@ -309,7 +309,7 @@ def bench(
         "dtype": devices.dtype_name(captioner.dtype),
         "quant": captioner.quant,
         "parameters": sum(p.numel() for p in captioner.thinker.parameters()),
-        "weight_bytes": model_bytes(captioner.thinker),  # as they sit in memory, quantized or not
+        "weight_bytes": sum(tensor_bytes(p) for p in captioner.thinker.parameters()),  # as held, quantized or not
         "load_s": captioner.load_s,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
