@@ -225,3 +225,12 @@ def test_bench_measures_quantized_weights(tmp_path):
     assert setup["quant"] == "int4" and setup["dtype"] == "bf16" and run["error"] is None
     assert setup["weight_bytes"] == resident_bytes(thinker_shapes("tiny"), "int4", torch.bfloat16)
     assert f"int4 weights, {setup['weight_bytes'] / GiB:.1f} GiB" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_load_benchmark_loads_both_ways(tiny_model, tmp_path):
+    from test_benchmarks import load_program
+
+    report = load_program("quant_load").main([str(tiny_model), "--quant", "int8", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "quant-load-int8-cpu.json").read_text())
+    assert report["quantize at load"]["quant"] == report["pre-quantized folder"]["quant"] == "int8"
+    assert (tmp_path / f"{tiny_model.name}-int8" / "quantized.pt").is_file()
