@@ -1,6 +1,7 @@
 """--quant on the CPU with the tiny model: what is quantized, its bytes, each decoder, compare, saved folders."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -184,36 +185,15 @@ def test_quantizations_that_cannot_run_are_refused_before_loading(tiny_model):
     assert done.returncode == 2 and "invalid choice: 'int3'" in done.stderr
 
 
-def test_without_torchao_the_error_says_what_to_install(tiny_model, audio_dir):
+def test_without_torchao_the_error_says_what_to_install_before_any_download(audio_dir):
     hide = "import sys; sys.modules['torchao'] = None; from acecap.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run(
-        [sys.executable, "-c", hide, "caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model),
+        [sys.executable, "-c", hide, "caption", str(audio_dir / "tone.wav"), "--model", "ACE-Step/acestep-captioner",
          "--device", "cpu", "--quant", "int8"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode == 2
-    assert "--quant int8 needs torchao: pip install 'acecap[quant]'" in done.stderr
-
-
-def test_the_memory_benchmark_measures_what_acecap_computes(tmp_path):
-    from test_benchmarks import load_program
-
-    args = ["--shape", "tiny", "--quants", "none,int4", "--steps", "2", "-o", str(tmp_path)]
-    report = load_program("quant").main(args)
-    assert report == json.loads((tmp_path / "quant-memory-tiny-cpu.json").read_text())
-    table = (tmp_path / "quant-memory-tiny-cpu.md").read_text()
-    for row in report["rows"]:
-        assert row["weight_bytes"] == row["computed_bytes"]  # built one layer at a time, in a process of its own
-        assert row["peak_rss_bytes"] >= row["rss_after_bytes"] > row["rss_before_bytes"]
-        share = row["weight_bytes"] / report["bf16_weight_bytes"]
-        assert (
-            f"| {row['quant']} | {row['weight_bytes'] / GiB:.2f} | {row['computed_bytes'] / GiB:.2f} | {share:.0%} |"
-            in table
-        )
-        ratio = row["step_cpu_s"] / report["rows"][0]["step_cpu_s"]  # against the first row, bf16
-        assert (
-            f"| {row['quant']} | {row['step_cpu_s'] * 1000:.1f} | {1 / row['step_cpu_s']:.1f} | {ratio:.2f}× |" in table
-        )
+    assert "--quant int8 needs torchao: pip install 'acecap[quant]'" in done.stderr  # not "model not found"
 
 
 def test_bench_measures_quantized_weights(tmp_path):

@@ -126,15 +126,16 @@ class Captioner:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
         torch_device = devices.resolve_device(device)
+        quantized_dtype = devices.resolve_dtype("bf16" if dtype == "auto" else dtype, torch_device)
+        quantization.check(quant, torch_device, quantized_dtype)  # before any download
         name = str(model or TASKS[task].model_id)
         folder = resolve_model(name, hub)
         saved = quantization.prequantized(folder)
         quantized = quant != "none" or saved is not None
-        torch_dtype = devices.resolve_dtype("bf16" if quantized and dtype == "auto" else dtype, torch_device)
+        torch_dtype = quantized_dtype if quantized else devices.resolve_dtype(dtype, torch_device)
         if saved:
             quantization.check_prequantized(saved, folder, quant, torch_device, torch_dtype)
             quant = saved["quant"]
-        quantization.check(quant, torch_device, torch_dtype)
         weights = resident_bytes(folder, quant, torch_dtype, torch_device.type)
         devices.check_fits(weights, torch_device, torch_dtype, quant=quant)
         start = time.perf_counter()

@@ -239,11 +239,14 @@ def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption
     """Refuse before any work when either side cannot run or its weights cannot fit its device (they load in turn)."""
     from .quant import check
 
-    folder = resolve_model(str(model or TASKS[task].model_id), hub)
+    sides = []
     for side in (reference, candidate):
         device = devices.resolve_device(side.device)
         dtype = devices.resolve_dtype("bf16" if side.quant != "none" and side.dtype == "auto" else side.dtype, device)
-        check(side.quant, device, dtype)
+        check(side.quant, device, dtype)  # before any download
+        sides.append((side, device, dtype))
+    folder = resolve_model(str(model or TASKS[task].model_id), hub)
+    for side, device, dtype in sides:
         try:
             devices.check_fits(resident_bytes(folder, side.quant, dtype, device.type), device, dtype, quant=side.quant)
         except devices.DeviceError as error:
