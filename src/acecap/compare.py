@@ -53,7 +53,7 @@ def parse_side(text: str) -> Side:
     dtype = parts.pop() if len(parts) > 1 and (parts[-1] in devices.DTYPES or parts[-1] == "auto") else "auto"
     device = ":".join(parts)
     if not device or device in QUANTS or device in devices.DTYPES:
-        raise ValueError(f"bad side {text!r}: use DEVICE[:DTYPE][:QUANT], like cpu:fp32, npu:0:bf16 or cuda:bf16:int4")
+        raise ValueError(f"bad side {text!r}: use DEVICE:DTYPE or DEVICE:DTYPE:QUANT, like cpu:fp32 or cuda:bf16:int4")
     return Side(device, dtype, quant)
 
 
