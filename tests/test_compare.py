@@ -183,3 +183,9 @@ def test_plots_draw_any_file_name(tiny_model, tmp_path):
     for plot in ("layer_cosine.png", "kl_per_step.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.size[0] > 500
+
+
+def test_a_quantized_side_keeps_its_quantization():
+    assert choose_sides("cpu:fp32", "cpu:bf16:int8") == (Side("cpu", "fp32"), Side("cpu", "bf16", "int8"))
+    assert choose_sides("cpu:fp32", "cpu:auto:int8")[1] == Side("cpu", "bf16", "int8")  # auto: bf16 when quantized
+    assert choose_sides("cpu:bf16", "cpu:bf16:int8")[1].quant == "int8"  # not the reference itself

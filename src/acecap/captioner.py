@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from . import compat, devices
+from . import quant as quantization
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
 from .decode import choose_decoder, generate_static
 from .generate import Decoding, generate
 from .hub import resolve_model, revision_of
-from .model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
+from .model import TASKS, load_processor, load_thinker, render_prompt, resident_bytes
 
 log = logging.getLogger("acecap")
 
@@ -56,6 +57,7 @@ class Result:
     device: str
     dtype: str
     timings: Timings
+    quant: str = "none"  # the language model's linear layers: none, int8, int4 or fp8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +81,10 @@ class Captioner:
         load_s: float,
         revision: str | None = None,
         decoder: str = "auto",
+        quant: str = "none",
     ):
         self.thinker = thinker
+        self.quant = quant
         self.processor = processor
         self.task = task
         self.prompt = prompt
@@ -109,6 +113,7 @@ class Captioner:
         hub: str = "auto",
         prompt: str | None = None,
         decoder: str = "auto",
+        quant: str = "none",
     ) -> Captioner:
         """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
 
@@ -116,16 +121,26 @@ class Captioner:
         decode step compiled by torch.compile once per process; on the CPU minutes of compiling first),
         "graphs" (the static step replayed as a CUDA graph), "transformers" (the library's generate(): the
         slower reference), or "auto" (graphs on CUDA, else static).
+        `quant`: "int8", "int4" or "fp8" quantizes the language model's linear layers as they load (dtype auto
+        is then bf16); a folder written by `acecap quantize` is already quantized.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
         torch_device = devices.resolve_device(device)
-        torch_dtype = devices.resolve_dtype(dtype, torch_device)
+        quantized_dtype = devices.resolve_dtype("bf16" if dtype == "auto" else dtype, torch_device)
+        quantization.check(quant, torch_device, quantized_dtype)  # before any download
         name = str(model or TASKS[task].model_id)
         folder = resolve_model(name, hub)
-        devices.check_fits(resident_parameters(folder) * torch_dtype.itemsize, torch_device, torch_dtype)
+        saved = quantization.prequantized(folder)
+        quantized = quant != "none" or saved is not None
+        torch_dtype = quantized_dtype if quantized else devices.resolve_dtype(dtype, torch_device)
+        if saved:
+            quantization.check_prequantized(saved, folder, quant, torch_device, torch_dtype)
+            quant = saved["quant"]
+        weights = resident_bytes(folder, quant, torch_dtype, torch_device.type)
+        devices.check_fits(weights, torch_device, torch_dtype, quant=quant)
         start = time.perf_counter()
-        thinker = load_thinker(folder, torch_device, torch_dtype)
+        thinker = load_thinker(folder, torch_device, torch_dtype, quant)
         processor = load_processor(folder)
         load_s = devices.now(torch_device) - start
         prompt = prompt or TASKS[task].prompt
@@ -139,6 +154,7 @@ class Captioner:
             load_s=load_s,
             revision=revision,
             decoder=decoder,
+            quant=quant,
         )
 
     def max_duration_limit(self, decoding: Decoding) -> float:
@@ -238,6 +254,7 @@ class Captioner:
                     device=str(self.device),
                     dtype=devices.dtype_name(self.dtype),
                     timings=timings,
+                    quant=self.quant,
                 )
             )
         return results

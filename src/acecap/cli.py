@@ -20,8 +20,16 @@ examples:
   acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
   acecap serve --device npu:0 --api-key $KEY    an OpenAI-compatible service on :8000 (acecap serve -h)
   acecap review labels                          listen to, check and correct the labels in the browser
+  acecap caption song.wav --device cuda --quant int4   the 7B model on a 12 GB card
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
+
+
+QUANT_HELP = (
+    "quantize the language model's linear layers as the model loads (pip install 'acecap[quant]'): int8 or int4 "
+    "weights (the 7B thinker in 9.3 or 6.5 GiB instead of 15.4), fp8 weights and activations on CUDA cards with "
+    "FP8 units (Ada, Hopper; fp8 weights only on the CPU). Computes in bf16. Default none"
+)
 
 
 def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False, device: bool = True) -> None:
@@ -60,6 +68,7 @@ def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False,
     )
     group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                        help="weights and activations; auto is bf16 on accelerators, fp32 on cpu")  # fmt: skip
+    group.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"], help=QUANT_HELP)
     group.add_argument("--decoder", default="auto", choices=["auto", "static", "compiled", "graphs", "transformers"],
                        help="static: static KV cache, each clip prefilled unpadded; compiled: the same with the "
                        "whole decode step compiled by torch.compile (inductor, and on CUDA replayed as a CUDA "
@@ -200,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random weights in this shape (default tiny: a quick check)")  # fmt: skip
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda[:i], npu[:i] or mps")
     bench.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    bench.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"], help=QUANT_HELP)
     bench.add_argument("--decoders", default="auto",
                        help="comma-separated: auto, static, compiled, graphs, transformers")  # fmt: skip
     bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -222,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("paths", nargs="*", metavar="PATH",
                          help="audio files or folders to compare on too; or two saved runs (caption -f "
                          "json or jsonl, annotate's annotations.jsonl): their texts, running nothing")  # fmt: skip
-    compare.add_argument("--ref", default="cpu:fp32", help="reference side, DEVICE:DTYPE (default cpu:fp32)")
+    compare.add_argument("--ref", default="cpu:fp32",
+                         help="reference side, DEVICE[:DTYPE][:QUANT] (default cpu:fp32)")  # fmt: skip
     compare.add_argument("--cand", default="auto:auto",
-                         help="candidate side, DEVICE:DTYPE, like npu:0:bf16 or cpu:bf16 (default auto:auto: "
-                         "the best device in its usual dtype; cpu:bf16 where the CPU is the best device)")  # fmt: skip
+                         help="candidate side, DEVICE[:DTYPE][:QUANT], like npu:0:bf16, cpu:bf16 or cuda:bf16:int4 "
+                         "(QUANT: int8, int4 or fp8, as --quant; default auto:auto: the best device in its usual "
+                         "dtype; cpu:bf16 where the CPU is the best device)")  # fmt: skip
     compare.add_argument("--no-suite", action="store_true", help="only the files given, not the built-in clips")
     compare.add_argument("--max-new-tokens", type=int, default=128, help="tokens each side generates (default 128)")
     compare.add_argument("--save-logits", action="store_true",
@@ -336,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--export-to", type=Path, metavar="DIR",
                        help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
 
+    quantize = commands.add_parser(
+        "quantize", help="write a pre-quantized copy of a checkpoint that loads fast",
+        description="Load MODEL with its language model's linear layers quantized, on --device, and write DIR: "
+        "the quantized weights (quantized.pt, loaded with weights_only and mmap), quantization.json, and the "
+        "checkpoint's config, processor and tokenizer files. --model DIR then loads it as it is (no 16-bit "
+        "weights read, nothing quantized again) on the same kind of device: int4 is packed for the device kind "
+        "it was made on. Needs pip install 'acecap[quant]'.",
+    )  # fmt: skip
+    quantize.add_argument("model", metavar="MODEL", help="checkpoint folder or hub id")
+    quantize.add_argument("-o", "--output-dir", type=Path, required=True, help="where to write the folder")
+    quantize.add_argument("--quant", required=True, choices=["int8", "int4", "fp8"], help=QUANT_HELP)
+    quantize.add_argument("--device", default="auto", help="the kind of device the folder is for (default auto)")
+    quantize.add_argument("--hub", choices=["auto", "modelscope", "huggingface"], default="auto",
+                          help="where to download a hub id from (default auto)")  # fmt: skip
+
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -352,6 +379,7 @@ examples:
   acecap bench --device cpu                                   a quick check with the tiny shape
   acecap bench --device cuda --shapes 7b --batch-sizes 1,16,64 the real model's shapes, bf16
   acecap bench --device npu:0 --shapes 7b                     the same on an Ascend card
+  acecap bench --device cuda --shapes 7b --quant fp8          FP8 weights and activations
   acecap bench --model ./acestep-captioner --seconds 60       a real checkpoint
 """
 
@@ -361,6 +389,8 @@ examples:
   acecap compare --ref cpu:fp32 --cand npu:0:bf16          is this Ascend card faithful to the CPU?
   acecap compare --ref cpu:fp32 --cand cpu:bf16 songs/     what bf16 costs, on the suite and your songs
   acecap compare --ref cuda:fp32 --cand cuda:bf16 --model ./acestep-captioner -o precision-gpu
+  acecap compare --ref cpu:fp32 --cand cpu:bf16:int8       what int8 weights cost
+  acecap compare --ref cuda:bf16 --cand cuda:bf16:fp8      what FP8 costs on a Hopper card
   acecap compare laptop/annotations.jsonl npu-server/annotations.jsonl   two saved runs, texts only
 """
 
@@ -424,7 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     if quiet:  # its "Loading weights" bar too
         transformers_logging.disable_progress_bar()
     # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
-    from .commands import annotate_command, bench_command, caption_command, compare_command, say_error, serve_command
+    from .commands import (
+        annotate_command,
+        bench_command,
+        caption_command,
+        compare_command,
+        quantize_command,
+        say_error,
+        serve_command,
+    )
     from .devices import DeviceError
     from .hub import ModelNotFound
     from .inputs import ManifestError
@@ -441,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench_command(args)
         if args.command == "compare":
             return compare_command(args)
+        if args.command == "quantize":
+            return quantize_command(args)
         if args.command == "serve":
             return serve_command(args)
         if args.command == "review":

@@ -56,6 +56,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             else expand_devices(args.devices or args.device),
             dtype=args.dtype,
             decoder=args.decoder,
+            quant=args.quant,
             prompt=args.prompt,
             decoding=_decoding(args),
             batch_size=args.batch_size,
@@ -161,8 +162,10 @@ def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
     from .devices import dtype_name
 
     captioner = Captioner.from_pretrained(args.model, task=args.task, device=args.device, dtype=args.dtype,
-                                          hub=args.hub, prompt=prompt, decoder=args.decoder)  # fmt: skip
-    print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
+                                          hub=args.hub, prompt=prompt, decoder=args.decoder,
+                                          quant=args.quant)  # fmt: skip
+    quant = f", {captioner.quant} weights" if captioner.quant != "none" else ""
+    print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}{quant}), "
           f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
     return captioner
 
@@ -226,6 +229,7 @@ def bench_command(args: argparse.Namespace) -> int:
         shape=args.shapes,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         decoders=args.decoders.split(","),
         batch_sizes=_numbers(args.batch_sizes),
         seconds=args.seconds,
@@ -268,6 +272,21 @@ def compare_command(args: argparse.Namespace) -> int:
     print(line, file=sys.stderr)
     print(f"report: {args.output_dir / 'report.md'}", file=sys.stderr)
     return status
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
+    from .hub import resolve_model
+    from .model import write_quantized
+    from .quant import WEIGHTS_FILE
+
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    folder = write_quantized(resolve_model(args.model, args.hub), args.output_dir, args.quant, device)
+    size = (folder / WEIGHTS_FILE).stat().st_size / 2**30
+    print(f"acecap: {args.model} quantized to {args.quant} for {device.type} in {time.perf_counter() - start:.1f} s: "
+          f"{folder} ({size:.1f} GiB); use it with --model {folder}", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class Job:
     devices: list[str] = field(default_factory=lambda: ["auto"])
     dtype: str = "auto"
     decoder: str = "auto"
+    quant: str = "none"
     prompt: str | None = None
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int | None = None

@@ -124,6 +124,7 @@ class Worker:
             "partial": None,
             "device": str(self.captioner.device) if self.captioner else "cpu",
             "dtype": dtype_name(self.captioner.dtype) if self.captioner else None,
+            "quant": self.captioner.quant if self.captioner else None,
             "timings": {"audio_s": decoded.audio_s},
             "error": decoded.error,
         }
@@ -279,9 +280,8 @@ def load_captioner(job: Job, device: str):
 
     if job.task == "meta":
         return None
-    return Captioner.from_pretrained(
-        job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub, prompt=job.prompt, decoder=job.decoder
-    )
+    return Captioner.from_pretrained(job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub,
+                                     prompt=job.prompt, decoder=job.decoder, quant=job.quant)  # fmt: skip
 
 
 def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]]:
