@@ -232,7 +232,9 @@ def test_worker_processes_die_with_the_main_process(tiny_model, tmp_path):
                                "--devices", "cpu,cpu")  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_records(output, 2, process)
-    workers = worker_processes(process.pid)
+    deadline = time.monotonic() + 120  # on a loaded machine the second worker may still be starting
+    while len(workers := worker_processes(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert len(workers) == 2
     process.kill()
     process.wait()
@@ -323,7 +325,7 @@ def test_a_small_file_declaring_20000_s_costs_what_a_song_captioned_as_long_cost
     assert big_caption - song_caption < 200 and big_annotate - song_annotate < 200, peaks
     caption, meta = sorted(records_of(tmp_path / f"out-{big.stem}"), key=lambda r: r["task"])
     assert caption["duration"] == meta["duration"] == 20000.0 and caption["truncated"] and caption["long"]
-    assert caption["captioned_seconds"] == 300.0 and meta["error"] is None and meta["bpm"] is not None
+    assert caption["captioned_seconds"] == 300.0 and meta["error"] is None and meta["timings"]["total_s"] > 0
 
 
 def vm(pid: int, key: str) -> float:
