@@ -59,7 +59,7 @@ class CheckpointError(RuntimeError):
 
 def thinker_config(folder: str | Path) -> Qwen2_5OmniThinkerConfig:
     """The thinker's config from a full (or thinker-only) checkpoint's config.json."""
-    with quiet_token_id_checks():
+    with quiet_config_checks():
         return Qwen2_5OmniThinkerConfig.from_pretrained(folder)
 
 
@@ -96,22 +96,29 @@ def _from_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtyp
     return model.eval()
 
 
-class _TalkerTokenIds(logging.Filter):
+class _ReleasedConfigNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "must be `None` or an integer within the vocabulary" not in record.getMessage()
+        message = record.getMessage()
+        return "must be `None` or an integer within the vocabulary" not in message and "mrope_section" not in message
 
 
 @contextmanager
-def quiet_token_id_checks():
-    """transformers 5.x checks every sub-config's token ids against a vocabulary, and the full checkpoint's
-    configs name the thinker's audio and talker ids (151647 and up) beside the talker's 8,448-token vocabulary.
-    The checkpoint is as released and acecap never loads the talker: those seven warnings say nothing."""
-    config_log, quiet = logging.getLogger("transformers.configuration_utils"), _TalkerTokenIds()
-    config_log.addFilter(quiet)
+def quiet_config_checks():
+    """Silence transformers' checks that misread the released configs; acecap never loads the talker.
+
+    5.x checks every sub-config's token ids against a vocabulary, and the full checkpoint's configs name the
+    thinker's audio and talker ids (151647 and up) beside the talker's 8,448-token vocabulary: seven warnings.
+    4.57 validates `rope_scaling` as the default type and calls the multimodal `mrope_section` unrecognized.
+    """
+    quiet = _ReleasedConfigNoise()
+    loggers = [logging.getLogger(f"transformers.{name}") for name in ("configuration_utils", "modeling_rope_utils")]
+    for log in loggers:
+        log.addFilter(quiet)
     try:
         yield
     finally:
-        config_log.removeFilter(quiet)
+        for log in loggers:
+            log.removeFilter(quiet)
 
 
 def _load_prequantized(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
@@ -167,7 +174,7 @@ def save_prequantized(thinker: AudioThinker, source: str | Path, folder: str | P
 
 
 def load_processor(folder: str | Path) -> Qwen2_5OmniProcessor:
-    with quiet_token_id_checks():  # the tokenizer's loader reads the whole config.json
+    with quiet_config_checks():  # the tokenizer's loader reads the whole config.json
         return Qwen2_5OmniProcessor.from_pretrained(folder)
 
 
