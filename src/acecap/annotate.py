@@ -41,8 +41,10 @@ def _restore_sidecar(job: Job, record: dict, relative: Path) -> None:
 
 
 def plan(job: Job) -> tuple[list[Item], int]:
-    """The inputs still to do, and how many an earlier run already finished."""
+    """The inputs still to do, and how many an earlier run already finished. Inputs that do not exist or hold
+    no audio, and an output folder that cannot be written, raise here: before any model loads."""
     items = [item for item in discover(job.inputs) if in_shard(item, job.shard)]
+    check_writable(job.output_dir)
     records = [] if job.overwrite else load_records(job.output_dir)
     done = {done_key(record): record for record in records if not record.get("error")}
     pending = []
@@ -173,7 +175,6 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     done and says so in the summary (`interrupted`).
     """
     started = time.perf_counter()
-    check_writable(job.output_dir)
     pending, skipped = plan(job)
     summary = Summary(total=len(pending) + skipped, skipped=skipped)
     if skipped:
