@@ -34,7 +34,9 @@ def write_tones(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 def records_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / ANNOTATIONS).read_text().splitlines()]
+    """The merged records, each path absolute (on disk they are under their root: see test_inputs)."""
+    assert not list(folder.glob("annotations.part-*"))
+    return load_records(folder)
 
 
 def texts(records: list[dict]) -> dict[str, str]:

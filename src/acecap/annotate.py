@@ -9,6 +9,7 @@ length into batches and writes a record per file after every batch. A slow devic
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -23,7 +24,7 @@ from .cluster import run_on_ray
 from .inputs import Item, discover, in_shard
 from .job import CHUNK_FILES, Job
 from .progress import Progress, Summary
-from .records import done_key, file_identity, load_records, merge
+from .records import done_key, file_identity, load_records, merge, register_roots
 from .worker import sidecar_path, worker_main
 from .writers import atomic_write, check_writable
 
@@ -45,6 +46,7 @@ def plan(job: Job) -> tuple[list[Item], int]:
     no audio, and an output folder that cannot be written, raise here: before any model loads."""
     items = [item for item in discover(job.inputs) if in_shard(item, job.shard)]
     check_writable(job.output_dir)
+    register_roots(job.output_dir, sorted({item.root or Path(os.path.abspath(item.path)).parent for item in items}))
     records = [] if job.overwrite else load_records(job.output_dir)
     done = {done_key(record): record for record in records if not record.get("error")}
     pending = []
