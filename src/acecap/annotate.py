@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import devices
+from .acestep import check_collisions
 from .cluster import run_on_ray
 from .inputs import Item, discover, in_shard
 from .job import CHUNK_FILES, Job
@@ -31,25 +32,32 @@ from .writers import atomic_write, check_writable
 log = logging.getLogger("acecap")
 
 
-def _restore_sidecar(job: Job, record: dict, relative: Path) -> None:
-    """A finished file whose .txt is missing (deleted, or lost by an older version) gets it back from its record."""
+def _restore_sidecar(job: Job, record: dict, relative: Path) -> bool:
+    """A finished file whose .txt is missing (-f txt added to a finished job, a file deleted) gets it from its
+    record. Whether it was written."""
     path = sidecar_path(job, relative)
     try:
         if not path.exists():
             atomic_write(path, record[job.task] + "\n")
+            return True
     except OSError as error:
-        log.warning("%s: cannot write it again: %s", path, error.strerror or error)
+        log.warning("%s: cannot write it: %s", path, error.strerror or error)
+    return False
 
 
 def plan(job: Job) -> tuple[list[Item], int]:
     """The inputs still to do, and how many an earlier run already finished. Inputs that do not exist or hold
-    no audio, and an output folder that cannot be written, raise here: before any model loads."""
-    items = [item for item in discover(job.inputs) if in_shard(item, job.shard)]
+    no audio, two files whose -f txt outputs would be one file, and an output folder that cannot be written,
+    raise here: before any model loads."""
+    found = discover(job.inputs)
+    if job.write_txt:  # every shard's files: shards share the output folder
+        check_collisions([(item.path, item.relative) for item in found], ["txt"])
+    items = [item for item in found if in_shard(item, job.shard)]
     check_writable(job.output_dir)
     register_roots(job.output_dir, sorted({item.root or Path(os.path.abspath(item.path)).parent for item in items}))
     records = [] if job.overwrite else load_records(job.output_dir)
     done = {done_key(record): record for record in records if not record.get("error")}
-    pending = []
+    pending, restored = [], 0
     for item in items:
         try:
             identity = file_identity(item.path)
@@ -60,7 +68,9 @@ def plan(job: Job) -> tuple[list[Item], int]:
         if record is None or item.error:
             pending.append(item)
         elif job.write_txt:
-            _restore_sidecar(job, record, item.relative)
+            restored += _restore_sidecar(job, record, item.relative)
+    if restored:
+        log.info("%d .%s.txt files written from earlier records", restored, job.task)
     return pending, len(items) - len(pending)
 
 

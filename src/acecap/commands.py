@@ -26,7 +26,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def annotate_command(args: argparse.Namespace) -> int:
-    from .acestep import export
+    from .acestep import check_collisions, export
     from .annotate import annotate
     from .devices import expand_devices
     from .inputs import discover
@@ -41,6 +41,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
+    check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
     ok = True
     for task in tasks:
         job = Job(
@@ -86,7 +88,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
     formats = [f for f in args.format if f != "txt"]
     if formats:
-        relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
+        relative = {os.path.abspath(item.path): item.relative for item in items}
         records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
         written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
