@@ -45,6 +45,14 @@ def _restore_sidecar(job: Job, record: dict, relative: Path) -> bool:
     return False
 
 
+def _cut_shorter(record: dict, job: Job) -> bool:
+    """A text (or a segment's) cut at a --max-new-tokens below this run's: redone, now that it may finish."""
+    if job.task == "meta":
+        return False
+    texts = record.get("segments") or [record]
+    return any(t.get("finished") is False and (t.get("tokens") or 0) < job.decoding.max_new_tokens for t in texts)
+
+
 def plan(job: Job) -> tuple[list[Item], int]:
     """The inputs still to do, and how many an earlier run already finished. Inputs that do not exist or hold
     no audio, two files whose -f txt outputs would be one file, and an output folder that cannot be written,
@@ -65,7 +73,7 @@ def plan(job: Job) -> tuple[list[Item], int]:
             pending.append(item)  # reading it will record why it cannot be read
             continue
         record = done.get(done_key({**identity, "model": job.model_name, "task": job.task, "prompt": job.prompt_text}))
-        if record is None or item.error:
+        if record is None or item.error or _cut_shorter(record, job):
             pending.append(item)
         elif job.write_txt:
             restored += _restore_sidecar(job, record, item.relative)
@@ -188,7 +196,8 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     """
     started = time.perf_counter()
     pending, skipped = plan(job)
-    summary = Summary(total=len(pending) + skipped, skipped=skipped)
+    summary = Summary(total=len(pending) + skipped, skipped=skipped, task=job.task,
+                      max_new_tokens=job.decoding.max_new_tokens)  # fmt: skip
     if skipped:
         log.info("%d of %d files were finished by an earlier run", skipped, summary.total)
     with _Interrupts(_stop_event(job)) if job.ray is None else nullcontext() as interrupts:
