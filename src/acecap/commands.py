@@ -41,6 +41,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    shard, decoding, meta_sources = _shard(args.shard), _decoding(args), _meta_sources(args.meta_source)
     items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
     check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
     ok = True
@@ -60,7 +61,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             decoder=args.decoder,
             quant=args.quant,
             prompt=args.prompt,
-            decoding=_decoding(args),
+            decoding=decoding,
             batch_size=args.batch_size,
             long_audio=args.long_audio,
             max_duration=args.max_duration,
@@ -68,10 +69,10 @@ def annotate_command(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             write_txt="txt" in args.format,
             allow_partial=args.allow_partial,
-            shard=_shard(args.shard),
+            shard=shard,
             ray=args.ray,
             ray_actors=args.ray_actors,
-            meta_sources=_meta_sources(args.meta_source),
+            meta_sources=meta_sources,
         )
         if len(tasks) > 1:
             log.info("task %s", task)
