@@ -51,7 +51,9 @@ def songs(folder: Path, count: int, seconds: float = 1.0) -> list[Path]:
 
 
 def records_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / ANNOTATIONS).read_text(encoding="utf-8").splitlines()]
+    """The merged records, each path absolute (load_records resolves their roots)."""
+    assert not list(folder.glob("annotations.part-*"))
+    return load_records(folder)
 
 
 def annotate_command(inputs: Path, output: Path, model: Path, *options: str) -> list[str]:

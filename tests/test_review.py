@@ -334,7 +334,8 @@ def synthetic_records(out: Path, count: int) -> list[dict]:
         broken = index % 11 == 0
         caption = None if broken else f"take {index} with {'piano' if index % 4 else 'guitar'}"
         records.append({**common, "task": "caption", "caption": caption, "error": "cannot decode" if broken else None,
-                        "finished": index % 5 != 0, "truncated": index % 13 == 0})  # fmt: skip
+                        "finished": index % 5 != 0, "truncated": index % 13 == 0,
+                        "repetitive": index % 17 == 0})  # fmt: skip
         confidence = rng.uniform(0, 1, 3).round(3)
         records.append({**common, "task": "meta", "bpm": int(rng.integers(60, 180)), "keyscale": "A minor",
                         "timesignature": 4, "bpm_confidence": confidence[0], "keyscale_confidence": confidence[1],

@@ -7,6 +7,9 @@
 - `csv`: one `File, BPM, Key, Caption` table, which the scanner ranks above both.
 - `acestep-dataset`: the dataset JSON the ACE-Step UI saves (`metadata` and `samples[]`).
 
+Files that would share an output (`song.wav` and `song.ogg` → `song.json`; two `intro.wav` rows in the csv)
+are refused before any work (check_collisions): the scanner could not tell them apart either.
+
 A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A tempo, key or
 time signature whose confidence is below `min_confidence` is written as unknown, not guessed. Every file is
 written whole or not at all.
@@ -19,6 +22,7 @@ import functools
 import io
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -187,6 +191,41 @@ def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
     return path
 
 
+_CLASHES = {
+    "txt": "-f txt names each file's text after its path without the extension, so these would write one file",
+    "acestep": "ACE-Step's scanner finds a song's .caption.txt, .lyrics.txt and .json by its name without the "
+    "extension, so these would share them",
+    "csv": "ACE-Step's scanner looks a dataset.csv row up by the bare file name (in every subfolder), so these "
+    "cannot each have a row",
+}
+SHOWN_CLASHES = 5  # groups named in the message; the rest counted
+
+
+def check_collisions(files: list[tuple[Path, Path]], formats: list[str], sidecar_dir: Path | None = None) -> None:
+    """Raise ValueError, naming them, when two of `files` ((audio, path under its root) pairs) would write the
+    same output in one of `formats` (txt: annotate's OUT/<path>.<task>.txt; acestep; csv)."""
+    problems = []
+    for fmt in (f for f in _CLASHES if f in formats):
+        groups: dict[str, list[Path]] = {}
+        for audio, relative in files:
+            if fmt == "txt":
+                key = relative.with_suffix("").as_posix()
+            elif fmt == "acestep":
+                base = audio.with_suffix("") if sidecar_dir is None else sidecar_dir / relative.with_suffix("")
+                key = os.path.abspath(base)
+            else:
+                key = audio.name
+            groups.setdefault(key, []).append(audio)
+        clashes = [paths for paths in groups.values() if len(paths) > 1]
+        if clashes:
+            shown = "; ".join(" and ".join(map(str, paths)) for paths in clashes[:SHOWN_CLASHES])
+            more = f"; and {len(clashes) - SHOWN_CLASHES} more" if len(clashes) > SHOWN_CLASHES else ""
+            problems.append(f"-f {fmt}: {_CLASHES[fmt]}: {shown}{more}")
+    if problems:
+        raise ValueError(". ".join(problems) + ". Rename or move one file of each, annotate them into separate "
+                         "output folders, or leave out that -f")  # fmt: skip
+
+
 def export(
     records: list[dict],
     relative: dict[str, Path],
@@ -201,6 +240,7 @@ def export(
     win, meta values below `min_confidence` are left unknown): the paths written, and (path, reason) for each
     song or file that could not be (a read-only folder, a name too long), the rest going on."""
     songs = songs_from_records(records, relative, reviews, min_confidence)
+    check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
         jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite)) for song in songs]

@@ -9,6 +9,7 @@ length into batches and writes a record per file after every batch. A slow devic
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -19,33 +20,52 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import devices
+from .acestep import check_collisions
 from .cluster import run_on_ray
 from .inputs import Item, discover, in_shard
 from .job import CHUNK_FILES, Job
 from .progress import Progress, Summary
-from .records import done_key, file_identity, load_records, merge
+from .records import done_key, file_identity, load_records, merge, register_roots
 from .worker import sidecar_path, worker_main
 from .writers import atomic_write, check_writable
 
 log = logging.getLogger("acecap")
 
 
-def _restore_sidecar(job: Job, record: dict, relative: Path) -> None:
-    """A finished file whose .txt is missing (deleted, or lost by an older version) gets it back from its record."""
+def _restore_sidecar(job: Job, record: dict, relative: Path) -> bool:
+    """A finished file whose .txt is missing (-f txt added to a finished job, a file deleted) gets it from its
+    record. Whether it was written."""
     path = sidecar_path(job, relative)
     try:
         if not path.exists():
             atomic_write(path, record[job.task] + "\n")
+            return True
     except OSError as error:
-        log.warning("%s: cannot write it again: %s", path, error.strerror or error)
+        log.warning("%s: cannot write it: %s", path, error.strerror or error)
+    return False
+
+
+def _cut_shorter(record: dict, job: Job) -> bool:
+    """A text (or a segment's) cut at a --max-new-tokens below this run's: redone, now that it may finish."""
+    if job.task == "meta":
+        return False
+    texts = record.get("segments") or [record]
+    return any(t.get("finished") is False and (t.get("tokens") or 0) < job.decoding.max_new_tokens for t in texts)
 
 
 def plan(job: Job) -> tuple[list[Item], int]:
-    """The inputs still to do, and how many an earlier run already finished."""
-    items = [item for item in discover(job.inputs) if in_shard(item, job.shard)]
+    """The inputs still to do, and how many an earlier run already finished. Inputs that do not exist or hold
+    no audio, two files whose -f txt outputs would be one file, and an output folder that cannot be written,
+    raise here: before any model loads."""
+    found = discover(job.inputs)
+    if job.write_txt:  # every shard's files: shards share the output folder
+        check_collisions([(item.path, item.relative) for item in found], ["txt"])
+    items = [item for item in found if in_shard(item, job.shard)]
+    check_writable(job.output_dir)
+    register_roots(job.output_dir, sorted({item.root or Path(os.path.abspath(item.path)).parent for item in items}))
     records = [] if job.overwrite else load_records(job.output_dir)
     done = {done_key(record): record for record in records if not record.get("error")}
-    pending = []
+    pending, restored = [], 0
     for item in items:
         try:
             identity = file_identity(item.path)
@@ -53,10 +73,12 @@ def plan(job: Job) -> tuple[list[Item], int]:
             pending.append(item)  # reading it will record why it cannot be read
             continue
         record = done.get(done_key({**identity, "model": job.model_name, "task": job.task, "prompt": job.prompt_text}))
-        if record is None or item.error:
+        if record is None or item.error or _cut_shorter(record, job):
             pending.append(item)
         elif job.write_txt:
-            _restore_sidecar(job, record, item.relative)
+            restored += _restore_sidecar(job, record, item.relative)
+    if restored:
+        log.info("%d .%s.txt files written from earlier records", restored, job.task)
     return pending, len(items) - len(pending)
 
 
@@ -173,9 +195,9 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     done and says so in the summary (`interrupted`).
     """
     started = time.perf_counter()
-    check_writable(job.output_dir)
     pending, skipped = plan(job)
-    summary = Summary(total=len(pending) + skipped, skipped=skipped)
+    summary = Summary(total=len(pending) + skipped, skipped=skipped, task=job.task,
+                      max_new_tokens=job.decoding.max_new_tokens)  # fmt: skip
     if skipped:
         log.info("%d of %d files were finished by an earlier run", skipped, summary.total)
     with _Interrupts(_stop_event(job)) if job.ray is None else nullcontext() as interrupts:

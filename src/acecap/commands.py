@@ -26,7 +26,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def annotate_command(args: argparse.Namespace) -> int:
-    from .acestep import export
+    from .acestep import check_collisions, export
     from .annotate import annotate
     from .devices import expand_devices
     from .inputs import discover
@@ -41,6 +41,9 @@ def annotate_command(args: argparse.Namespace) -> int:
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    shard, decoding, meta_sources = _shard(args.shard), _decoding(args), _meta_sources(args.meta_source)
+    items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
+    check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
     ok = True
     for task in tasks:
         job = Job(
@@ -58,7 +61,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             decoder=args.decoder,
             quant=args.quant,
             prompt=args.prompt,
-            decoding=_decoding(args),
+            decoding=decoding,
             batch_size=args.batch_size,
             long_audio=args.long_audio,
             max_duration=args.max_duration,
@@ -66,10 +69,10 @@ def annotate_command(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             write_txt="txt" in args.format,
             allow_partial=args.allow_partial,
-            shard=_shard(args.shard),
+            shard=shard,
             ray=args.ray,
             ray_actors=args.ray_actors,
-            meta_sources=_meta_sources(args.meta_source),
+            meta_sources=meta_sources,
         )
         if len(tasks) > 1:
             log.info("task %s", task)
@@ -86,7 +89,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
     formats = [f for f in args.format if f != "txt"]
     if formats:
-        relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
+        relative = {os.path.abspath(item.path): item.relative for item in items}
         records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
         written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,

@@ -304,7 +304,7 @@ def unique_names(paths: list[str]) -> dict[str, str]:
 def read_results(path: Path) -> dict[str, dict]:
     """Records of a caption or annotate run (a .json record or list, or .jsonl), by file name and task.
 
-    Runs made on other machines hold other absolute paths, so records pair up by file name (with as many
+    Runs made on other machines hold other folders, so records pair up by file name (with as many
     of its folders as it takes to tell two files of one name apart).
     """
     text = path.read_text(encoding="utf-8")
@@ -314,8 +314,15 @@ def read_results(path: Path) -> dict[str, dict]:
         loaded = json.loads(text)
         records = loaded if isinstance(loaded, list) else [loaded]
     usable = [r for r in records if isinstance(r, dict) and r.get("error") is None and record_text(r) is not None]
-    names = unique_names([str(r.get("path") or r["source"]) for r in usable])
-    return {f"{names[str(r.get('path') or r['source'])]} ({r.get('task', 'caption')})": r for r in usable}
+    names = unique_names([_file_of(r) for r in usable])
+    return {f"{names[_file_of(r)]} ({r.get('task', 'caption')})": r for r in usable}
+
+
+def _file_of(record: dict) -> str:
+    """The file a saved record names: caption's `source`; annotate's `path`, under its `root` where it has one."""
+    if record.get("root") is not None:
+        return f"{record['root']}/{record['path']}"
+    return str(record.get("path") or record["source"])
 
 
 def compare_results(reference: Path, candidate: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .acestep import CSV_HEADER, Song, csv_row, dataset_sample, export, write_sidecars
 from .lyrics import INSTRUMENTAL
-from .records import _read, latest_per_input, load_records
+from .records import RecordPaths, _read, latest_per_input, load_records
 from .writers import append_lines, atomic_write, to_json
 
 log = logging.getLogger("acecap")
@@ -47,12 +47,14 @@ def audio_path(record: dict) -> Path:
 def load_reviews(folder: Path) -> dict[str, dict]:
     """The latest review of each file (by record path); a line that is not a review is skipped, loudly."""
     path = Path(folder) / REVIEWS
+    paths = RecordPaths.of(folder)
     latest: dict[str, dict] = {}
     for number, review in enumerate(_read(path) if path.is_file() else [], 1):
         if not (isinstance(review, dict) and isinstance(review.get("path"), str)
                 and isinstance(review.get("fields"), dict)):  # fmt: skip
             log.warning("%s: review %d is not {path, approved, fields}; skipped", path, number)
             continue
+        review = paths.from_disk(review, path)
         latest[review["path"]] = review
     return latest
 
@@ -149,7 +151,7 @@ def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict
         "fields": {key: fields[key] for key in FIELDS},
         "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    append_lines(Path(folder) / REVIEWS, [to_json(review)])
+    append_lines(Path(folder) / REVIEWS, [to_json(RecordPaths.of(folder).to_disk(review))])  # path as records store it
     return review
 
 

@@ -27,7 +27,9 @@ from .devices import dtype_name
 from .inputs import Item
 from .job import Job
 from .lyrics import INSTRUMENTAL, parse_transcript
+from .progress import output_flags
 from .records import RecordWriter, file_identity
+from .repetition import is_repetitive
 from .writers import atomic_write
 
 log = logging.getLogger("acecap")
@@ -121,6 +123,7 @@ class Worker:
             "truncated": False,
             "silent": False,
             "long": False,
+            "repetitive": False,
             "partial": None,
             "device": str(self.captioner.device) if self.captioner else "cpu",
             "dtype": dtype_name(self.captioner.dtype) if self.captioner else None,
@@ -200,9 +203,8 @@ class Worker:
                 if isinstance(result, str):
                     errors[id(decoded)] = result
                     continue
-                texts[id(decoded)].append(
-                    {"start": start, "end": start + clip.duration, "text": result.text, "tokens": result.tokens}
-                )
+                texts[id(decoded)].append({"start": start, "end": start + clip.duration, "text": result.text,
+                                           "tokens": result.tokens, "finished": result.finished})  # fmt: skip
         records = []
         for decoded in good:
             if id(decoded) in errors:
@@ -211,14 +213,18 @@ class Worker:
             segments = sorted(texts[id(decoded)], key=lambda s: s["start"])
             tokens = sum(s["tokens"] for s in segments)
             fields = self._text_fields([s["text"] for s in segments])
-            records.append(self.record(decoded, **fields, tokens=tokens, segments=segments))
+            finished = all(s["finished"] for s in segments)
+            records.append(self.record(decoded, **fields, tokens=tokens, finished=finished, segments=segments))
         self.save(records, good)
 
     def _text_fields(self, texts: list[str]) -> dict:
-        """The record's fields for the model's text (one per segment): a caption as it is; lyrics parsed
-        into language, tagged lines and is_instrumental, the raw text kept."""
+        """The record's fields for the model's text (one per segment): a caption as it is (of segments, the
+        first: ACE-Step takes one description of a song, and every window's stays in `segments`); lyrics, which
+        follow on from window to window, parsed into language, tagged lines and is_instrumental, the raw text
+        kept. `repetitive`: some text ends in a loop."""
+        repetitive = any(is_repetitive(text, self.job.task) for text in texts)
         if self.job.task != "lyrics":
-            return {self.job.task: "\n".join(texts)}
+            return {self.job.task: texts[0] if texts else "", "repetitive": repetitive}
         parsed = [parse_transcript(text) for text in texts]
         sung = [p for p in parsed if not p.is_instrumental]
         languages = [p.language for p in parsed if p.language != "unknown"]
@@ -227,6 +233,7 @@ class Worker:
             "language": languages[0] if languages else "unknown",
             "is_instrumental": not sung,
             "raw_lyrics": "\n\n".join(texts),
+            "repetitive": repetitive,
         }
 
     def _meta(self, good: list[Decoded]) -> None:
@@ -284,9 +291,9 @@ def load_captioner(job: Job, device: str):
                                      prompt=job.prompt, decoder=job.decoder, quant=job.quant)  # fmt: skip
 
 
-def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]]:
-    """(path, duration, error) per record: what progress and the summary count."""
-    return [(r["path"], r["duration"] or 0.0, r["error"]) for r in records]
+def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None, tuple[str, ...]]]:
+    """(path, duration, error, flags) per record: what progress and the summary count (FLAGS, progress.py)."""
+    return [(r["path"], r["duration"] or 0.0, r["error"], output_flags(r)) for r in records]
 
 
 def _die_with_parent() -> None:
