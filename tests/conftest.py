@@ -53,6 +53,20 @@ def pcm_wav(path: Path, samples: np.ndarray, rate: int, declared_frames: int | N
     return path
 
 
+def offline_hub(folder: Path, model: Path, ids: list[str]) -> dict:
+    """An environment whose Hugging Face cache (under `folder`) holds `model` as each hub id, found offline."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    for hub_id in ids:
+        cache = folder / "hf" / "hub" / f"models--{hub_id.replace('/', '--')}"
+        (cache / "snapshots" / revision).mkdir(parents=True)
+        for item in model.iterdir():
+            (cache / "snapshots" / revision / item.name).symlink_to(item)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text(revision)
+    return {**os.environ, "HF_HOME": str(folder / "hf"), "MODELSCOPE_CACHE": str(folder / "ms"),
+            "HF_HUB_OFFLINE": "1", "KEY": "readme-key"}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("tiny"))

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from conftest import run_acecap
 from test_benchmarks import load_program
@@ -66,6 +67,7 @@ def records_by_file(out: Path) -> dict[tuple[str, str], dict]:
     return {(Path(r["path"]).name, r["task"]): r for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow
 def test_a_dataset_ace_step_reads_back(tiny_model, tmp_path):
     songs = write_songs(tmp_path / "songs")
     out = tmp_path / "labels"
@@ -115,6 +117,7 @@ def test_a_dataset_ace_step_reads_back(tiny_model, tmp_path):
     assert sample["lyrics"] == records[("waltz.wav", "lyrics")]["lyrics"] and sample["labeled"] is True
 
 
+@pytest.mark.slow
 def test_hand_edited_sidecars_survive_a_rerun(tiny_model, tmp_path):
     songs = write_songs(tmp_path / "songs")
     (songs / "waltz.caption.txt").write_text("A waltz I described myself.\n", encoding="utf-8")
@@ -143,6 +146,7 @@ def test_hand_edited_sidecars_survive_a_rerun(tiny_model, tmp_path):
     ].strip()
 
 
+@pytest.mark.slow
 def test_sidecars_can_go_under_another_folder(tiny_model, tmp_path):
     songs = write_songs(tmp_path / "songs")
     out, mirror = tmp_path / "labels", tmp_path / "mirror"
@@ -155,6 +159,7 @@ def test_sidecars_can_go_under_another_folder(tiny_model, tmp_path):
     assert json.loads((mirror / "rock.json").read_text(encoding="utf-8"))["keyscale"] == "A minor"
 
 
+@pytest.mark.slow
 def test_every_song_json_has_the_trainer_keys_and_unsure_values_stay_unknown(tmp_path):
     songs = write_songs(tmp_path / "songs")
     out = tmp_path / "labels"
@@ -177,6 +182,7 @@ def test_every_song_json_has_the_trainer_keys_and_unsure_values_stay_unknown(tmp
     assert sidecar["keyscale"] == records[("rock.wav", "meta")]["keyscale"] and sidecar["bpm"] is not None
 
 
+@pytest.mark.slow
 def test_tags_come_first_and_records_say_where_values_came_from(tmp_path):
     from mutagen.flac import FLAC
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from conftest import encode_with_pyav, run_acecap
 
@@ -86,6 +87,7 @@ def make_bad_inputs(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_clear_errors_and_the_rest_finishes(tiny_model, tmp_path):
     good = write_tones(tmp_path / "in", 4)
     expected = make_bad_inputs(tmp_path / "in" / "bad")
@@ -111,6 +113,7 @@ def test_bad_inputs_get_clear_errors_and_the_rest_finishes(tiny_model, tmp_path)
     assert f"failed         {len(expected)}" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_files_and_redoes_changed_ones(tiny_model, tmp_path):
     paths = write_tones(tmp_path / "in", 5)
     first = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
@@ -128,6 +131,7 @@ def test_resume_skips_finished_files_and_redoes_changed_ones(tiny_model, tmp_pat
     assert again.skipped == 0 and again.captioned == 5 and len(records_of(tmp_path / "out")) == 5
 
 
+@pytest.mark.slow
 def test_kill_at_any_moment_loses_nothing_done(tiny_model, tmp_path):
     write_tones(tmp_path / "in", 40, seed=1)
     output = tmp_path / "out"
@@ -161,6 +165,7 @@ def test_a_torn_last_line_is_cut_off_and_redone(tiny_model, tmp_path):
     assert summary.skipped == 2 and summary.captioned == 1 and len(records_of(tmp_path / "out")) == 3
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_give_the_same_records_as_one(tiny_model, tmp_path):
     write_tones(tmp_path / "in", 12, seed=3)
     one = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "one", batch_size=4), progress=False)
@@ -227,6 +232,7 @@ def test_other_formats_decode_in_annotate(tiny_model, tmp_path, audio_dir):
     assert summary.ok and summary.captioned == 2
 
 
+@pytest.mark.slow
 def test_cli_annotate_reports_and_exits_zero_when_all_is_well(tiny_model, tmp_path):
     write_tones(tmp_path / "in", 3)
     result = run_acecap("annotate", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
@@ -262,6 +268,7 @@ print(json.dumps({"alone": alone, "split": [r if isinstance(r, str) else r.text 
 """
 
 
+@pytest.mark.slow
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
     """A real allocation failure (address space capped), not a simulated one."""
     # A fixed mmap threshold returns each freed tensor to the system at once, and one arena keeps

@@ -33,6 +33,7 @@ def test_peak_bandwidth_is_known_only_for_named_cards():
     assert peak_bandwidth("2 CPU cores") is None
 
 
+@pytest.mark.slow
 def test_bench_command_runs_on_the_tiny_shape(tmp_path):
     args = ["--device", "cpu", "--shapes", "tiny", "--decoders", "static,transformers", "--batch-sizes", "1,2"]
     done = run_acecap("bench", *args, "--seconds", "2", "--tokens", "6", "--repeats", "2", "-o", str(tmp_path))
@@ -59,6 +60,7 @@ def test_bench_command_runs_on_the_tiny_shape(tmp_path):
         assert plot.format == "PNG" and plot.size[0] > 400
 
 
+@pytest.mark.slow
 def test_bench_refuses_bad_options_before_loading(tmp_path):
     done = run_acecap("bench", "--device", "cpu", "--batch-sizes", "1,x", "-o", str(tmp_path))
     assert done.returncode == 2 and "--batch-sizes" in done.stderr

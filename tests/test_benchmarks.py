@@ -18,6 +18,7 @@ def load_program(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_annotate_benchmark_runs_and_computes_its_rates(tmp_path):
     bench = load_program("annotate")
     assert bench.clip_lengths(5, 5, 80) == [5.0, 10.0, 20.0, 40.0, 80.0]
@@ -41,6 +42,7 @@ def test_annotate_benchmark_runs_and_computes_its_rates(tmp_path):
     assert seed["speedup"] == 1.0
 
 
+@pytest.mark.slow
 def test_encoder_benchmark_runs_and_agrees_with_the_library(tmp_path):
     import transformers
 
@@ -55,6 +57,7 @@ def test_encoder_benchmark_runs_and_agrees_with_the_library(tmp_path):
     assert f"{report['cases'][1]['speedup']:.1f}×" in (tmp_path / f"encoder-{transformers.__version__}.md").read_text()
 
 
+@pytest.mark.slow
 def test_serve_load_benchmark_answers_every_request_once_and_computes_its_rates(tmp_path):
     bench = load_program("serve_load")
     args = ["--shape", "tiny", "--clients", "6", "--duration", "2", "--seconds", "1", "--tokens", "4"]

@@ -19,6 +19,7 @@ def sawtooth(seconds: float, rate: int = 16000) -> np.ndarray:
     return (0.5 * (2 * ((t * 220) % 1) - 1)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_result_is_generated_text_with_its_figures(captioner):
     result = captioner.caption(sawtooth(5), Decoding(max_new_tokens=12), sample_rate=16000)
     assert result.text and "Describe this audio" not in result.text and "assistant" not in result.text
@@ -48,6 +49,7 @@ def test_greedy_is_deterministic_and_the_default(captioner):
     assert first.text == second.text and Decoding().temperature == 0
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_a_seed(captioner):
     options = Decoding(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
     first = captioner.caption(sawtooth(2), options, sample_rate=16000)
@@ -71,6 +73,7 @@ def test_max_duration_is_bounded_by_the_context(captioner):
         captioner.caption(sawtooth(1), decoding, sample_rate=16000, max_duration=limit + 1)
 
 
+@pytest.mark.slow
 def test_past_300_s_audio_goes_through_when_allowed(captioner):
     result = captioner.caption(sawtooth(301), Decoding(max_new_tokens=2), sample_rate=16000, max_duration=310)
     assert not result.truncated and result.captioned_seconds == 301
@@ -89,6 +92,7 @@ def test_array_needs_a_sample_rate(captioner):
         captioner.caption(sawtooth(1))
 
 
+@pytest.mark.slow
 def test_audio_encoder_rows_do_not_depend_on_the_batch(captioner):
     """Clips across 32 s piece boundaries (acecap encodes in pieces on 4.57) in one batch get the rows
     the library's own encoder call gives each alone."""

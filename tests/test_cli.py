@@ -8,6 +8,7 @@ from conftest import run_acecap
 PROMPT_TEXT = ("Describe this audio", "You are a helpful assistant", "system", "assistant")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tone.wav", "tone.flac", "tone.mp3", "tone.ogg", "stereo24.wav"])
 def test_caption_prints_only_the_generated_text(tiny_model, audio_dir, name):
     result = run_acecap("caption", str(audio_dir / name), "--model", str(tiny_model), "--max-new-tokens", "6")
@@ -17,6 +18,7 @@ def test_caption_prints_only_the_generated_text(tiny_model, audio_dir, name):
     assert f"{audio_dir / name}: 3.0 s audio, 6 tokens" in result.stderr
 
 
+@pytest.mark.slow
 def test_output_files_in_each_format(tiny_model, audio_dir, tmp_path):
     files = [str(audio_dir / "tone.wav"), str(audio_dir / "tone.m4a")]
     for fmt in ("txt", "json", "jsonl"):
@@ -46,28 +48,33 @@ def one_error_line(result) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_hub_id_while_offline(audio_dir, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms")}
     error = one_error_line(run_acecap("caption", str(audio_dir / "tone.wav"), env=env))
     assert "ACE-Step/acestep-captioner" in error and "--model" in error
 
 
+@pytest.mark.slow
 def test_missing_file(tiny_model, audio_dir):
     error = one_error_line(run_acecap("caption", str(audio_dir / "nope.wav"), "--model", str(tiny_model)))
     assert "nope.wav: no such file" in error
 
 
+@pytest.mark.slow
 def test_non_audio_file(tiny_model, audio_dir):
     error = one_error_line(run_acecap("caption", str(audio_dir / "notes.txt"), "--model", str(tiny_model)))
     assert "notes.txt: not an audio file" in error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cuda", "cuda:3", "npu:0", "mps", "tpu"])
 def test_unavailable_device(tiny_model, audio_dir, device):
     result = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--device", device)
     assert "device" in one_error_line(result) or "npu" in one_error_line(result)
 
 
+@pytest.mark.slow
 def test_a_bad_file_does_not_stop_the_others(tiny_model, audio_dir):
     files = [str(audio_dir / "notes.txt"), str(audio_dir / "tone.wav"), str(audio_dir / "empty.wav")]
     result = run_acecap("caption", *files, "--model", str(tiny_model), "--max-new-tokens", "3")
@@ -76,6 +83,7 @@ def test_a_bad_file_does_not_stop_the_others(tiny_model, audio_dir):
     assert "notes.txt: not an audio file" in result.stderr and "empty.wav: empty file" in result.stderr
 
 
+@pytest.mark.slow
 def test_lyrics_task_uses_the_transcription_prompt(tiny_model, audio_dir, tmp_path):
     args = ["caption", str(audio_dir / "tone.wav"), "--task", "lyrics", "--model", str(tiny_model)]
     result = run_acecap(*args, "--max-new-tokens", "3", "-o", str(tmp_path), "-f", "json")
@@ -84,6 +92,7 @@ def test_lyrics_task_uses_the_transcription_prompt(tiny_model, audio_dir, tmp_pa
     assert record["prompt"] == "*Task* Transcribe this audio in detail" and record["task"] == "lyrics"
 
 
+@pytest.mark.slow
 def test_doctor_runs_the_tiny_model_end_to_end():
     result = run_acecap("doctor", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -123,6 +132,7 @@ def test_the_package_api_loads_on_first_use():
     assert result.stdout.strip() == "512"
 
 
+@pytest.mark.slow
 def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
     """No weight-loading bar under --quiet or in caption, and no config warnings about the unused talker."""
     annotate = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), "--model",
@@ -140,6 +150,7 @@ def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
     ("shard", "says"),
     [("4/4", "numbered from 0, so the last of 4 is 3/4"), ("1-4", "use i/N"), ("2/0", "use i/N")],
 )
+@pytest.mark.slow
 def test_a_shard_out_of_range_says_how_shards_count(tmp_path, shard, says):
     result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--shard", shard)
     assert says in one_error_line(result)

@@ -64,6 +64,7 @@ def test_the_kind_and_number_of_actors_follow_the_cluster():
         actor_count("cuda", {"CPU": 4}, None)
 
 
+@pytest.mark.slow
 def test_ray_run_gives_the_records_of_a_local_run(cluster, tiny_model, tmp_path):
     inputs = songs(tmp_path / "in", 6)
     local = annotate(job(inputs, tmp_path / "local", tiny_model), progress=False)
@@ -80,6 +81,7 @@ def actor_pids() -> list[int]:
     return [int(pid) for pid in found]
 
 
+@pytest.mark.slow
 def test_a_killed_actor_costs_only_its_chunk_and_every_file_is_recorded_once(cluster, tiny_model, tmp_path):
     inputs = songs(tmp_path / "in", 12)
     output = tmp_path / "out"
@@ -102,6 +104,7 @@ def test_a_killed_actor_costs_only_its_chunk_and_every_file_is_recorded_once(clu
     assert sorted(records(output)) == sorted([f"song{n:02d}.wav" for n in range(12)] + ["broken.wav"])
 
 
+@pytest.mark.slow
 def test_an_interrupted_ray_run_resumes_without_redoing_finished_files(tiny_model, tmp_path):
     inputs = songs(tmp_path / "in", 10)
     output = tmp_path / "out"

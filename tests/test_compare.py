@@ -53,6 +53,7 @@ def test_identical_sides_agree_exactly(tiny_model):
         assert {layer["verdict"] for layer in result["layers"]} == {"pass"}
 
 
+@pytest.mark.slow
 def test_fp32_against_bf16_report_follows_from_its_dump(tiny_model, tmp_path):
     out = tmp_path / "precision"
     done = run_acecap("compare", "--model", str(tiny_model), "--ref", "cpu:fp32", "--cand", "cpu:bf16",
@@ -93,6 +94,7 @@ def test_fp32_against_bf16_report_follows_from_its_dump(tiny_model, tmp_path):
             assert image.size[0] > 500 and image.size[1] > 300
 
 
+@pytest.mark.slow
 def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
     files = [str(audio_dir / "tone.wav"), str(audio_dir / "stereo24.wav")]
     for name, dtype in (("fp32", "fp32"), ("bf16", "bf16")):
@@ -119,6 +121,7 @@ def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
     assert mismatched.returncode == 2 and "exactly two result files" in mismatched.stderr
 
 
+@pytest.mark.slow
 def test_two_annotate_runs_compare_by_text(tiny_model, tmp_path):
     """The README's example: two annotate runs' annotations.jsonl, lyrics records too, two files of one name."""
     from acecap.annotate import Job, annotate

@@ -40,6 +40,7 @@ def test_static_decoder_gives_the_tokens_of_transformers_generate(pair, decoding
     assert all(r.tokens == decoding.max_new_tokens for r in ours)  # random weights never end by themselves
 
 
+@pytest.mark.slow
 def test_compiled_decoder_gives_the_tokens_of_the_eager_one(pair):
     static, _ = pair
     compiled = Captioner(

@@ -120,6 +120,7 @@ def test_user_allocator_setting_is_kept(tmp_path):
     assert result.stdout.strip() == "max_split_size_mb:128"
 
 
+@pytest.mark.slow
 def test_cli_with_broken_cann_fails_npu_in_one_line_and_still_runs_on_cpu(tmp_path, tiny_model, audio_dir):
     env = _broken_npu_env(tmp_path)
     args = ["-m", "acecap", "caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--max-new-tokens", "2"]

@@ -243,6 +243,7 @@ def answered_at(url: str, payloads: list[dict]) -> list[tuple[httpx.Response, fl
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_slow_sources_hold_only_their_own_workers_and_get_504_on_time(captioner, site):
     """8 sources that never finish (a byte per 10 s, body or headers) against 2 fetch workers: a normal
     request is answered meanwhile, each slow one gets 504 at its deadline, and the workers are free again."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import soundfile
 from conftest import run_acecap
 
@@ -16,6 +17,7 @@ def annotate_cli(tiny_model, *args: str):
     return run_acecap("annotate", *args, "--model", str(tiny_model), "--max-new-tokens", "3")
 
 
+@pytest.mark.slow
 def test_a_missing_input_fails_at_once_without_loading_the_model(tiny_model, tmp_path):
     soundfile.write(tmp_path / "song.wav", np.zeros(16000, np.float32), 16000)
     result = annotate_cli(tiny_model, str(tmp_path / "song.wav"), str(tmp_path / "nosuchdir"), "-o",
@@ -28,6 +30,7 @@ def test_a_missing_input_fails_at_once_without_loading_the_model(tiny_model, tmp
     assert result.returncode == 2 and "which does not exist" in result.stderr and "model on" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_folder_or_manifest_says_so_and_fails(tiny_model, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.md").write_text("no audio here\n")
@@ -39,6 +42,7 @@ def test_an_empty_folder_or_manifest_says_so_and_fails(tiny_model, tmp_path):
     assert f"{tmp_path / 'list.txt'}: lists no files" in line
 
 
+@pytest.mark.slow
 def test_a_shard_with_no_share_of_the_files_is_not_an_error(tiny_model, tmp_path):
     soundfile.write(tmp_path / "song.wav", np.zeros(16000, np.float32), 16000)
     results = [annotate_cli(tiny_model, str(tmp_path), "-o", str(tmp_path / f"out{i}"), "--shard", f"{i}/2", "--quiet")
@@ -47,6 +51,7 @@ def test_a_shard_with_no_share_of_the_files_is_not_an_error(tiny_model, tmp_path
     assert sorted("files          1 " in r.stderr for r in results) == [False, True]
 
 
+@pytest.mark.slow
 def test_records_name_files_under_their_root_and_the_root_once(tiny_model, tmp_path):
     """A folder, a manifest (an entry in a subfolder, one outside its folder) and a file given directly."""
     songs, lists, elsewhere = tmp_path / "songs", tmp_path / "data" / "lists", tmp_path / "data" / "more"
@@ -80,6 +85,7 @@ def test_records_name_files_under_their_root_and_the_root_once(tiny_model, tmp_p
     assert again.returncode == 0 and "files          1 (1 done earlier)" in again.stderr, again.stderr
 
 
+@pytest.mark.slow
 def test_an_older_folder_with_absolute_paths_resumes_without_redoing_work(tiny_model, tmp_path):
     for index in range(3):
         (tmp_path / "songs").mkdir(exist_ok=True)

@@ -88,6 +88,7 @@ def test_int8_runs_through_the_static_and_transformers_decoders(int8):
     assert {r.quant for r in static} == {"int8"}
 
 
+@pytest.mark.slow
 def test_int8_runs_through_the_compiled_decoder(int8):
     """The compiled step traces torchao's int8 weights; in bf16 its logits match the eager step's to rounding."""
     prompts, embeds = int8._prompt_embeddings([noise_clips([3.0])[0].samples])
@@ -112,6 +113,7 @@ def test_sides_name_their_quantization():
         parse_side("int8")
 
 
+@pytest.mark.slow
 def test_int8_changes_what_bf16_computes_and_does_so_the_same_every_time(tiny_model):
     clips = noise_clips([4.0])
     decoding = Decoding(max_new_tokens=8)
@@ -125,6 +127,7 @@ def test_int8_changes_what_bf16_computes_and_does_so_the_same_every_time(tiny_mo
     assert all(layer["cosine"] < 1.0 for layer in llm)
 
 
+@pytest.mark.slow
 def test_compare_fp32_against_bf16_int8_reports_kl_top1_and_layer_cosines(tiny_model, tmp_path):
     out = tmp_path / "precision"
     done = run_acecap("compare", "--model", str(tiny_model), "--ref", "cpu:fp32", "--cand", "cpu:bf16:int8",
@@ -144,6 +147,7 @@ def test_compare_fp32_against_bf16_int8_reports_kl_top1_and_layer_cosines(tiny_m
     assert "KL" in report and "cosine" in report
 
 
+@pytest.mark.slow
 def test_a_prequantized_folder_loads_as_it_was_made(tiny_model, int8, tmp_path):
     folder = tmp_path / "tiny-int8"
     done = run_acecap("quantize", str(tiny_model), "-o", str(folder), "--quant", "int8", "--device", "cpu")
@@ -185,6 +189,7 @@ def test_quantizations_that_cannot_run_are_refused_before_loading(tiny_model):
     assert done.returncode == 2 and "invalid choice: 'int3'" in done.stderr
 
 
+@pytest.mark.slow
 def test_without_torchao_the_error_says_what_to_install_before_any_download(audio_dir):
     hide = "import sys; sys.modules['torchao'] = None; from acecap.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run(
@@ -196,6 +201,7 @@ def test_without_torchao_the_error_says_what_to_install_before_any_download(audi
     assert "--quant int8 needs torchao: pip install 'acecap[quant]'" in done.stderr  # not "model not found"
 
 
+@pytest.mark.slow
 def test_bench_measures_quantized_weights(tmp_path):
     from acecap.bench import bench
 
@@ -207,6 +213,7 @@ def test_bench_measures_quantized_weights(tmp_path):
     assert f"int4 weights, {setup['weight_bytes'] / GiB:.1f} GiB" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_load_benchmark_loads_both_ways(tiny_model, tmp_path):
     from test_benchmarks import load_program
 

@@ -79,6 +79,7 @@ def browser_or_skip(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+@pytest.mark.slow
 def test_review_in_a_browser_edits_reach_the_sidecars_and_survive_annotate(job, tiny_model):
     from playwright.sync_api import expect, sync_playwright
 
@@ -384,6 +385,7 @@ def test_the_index_filters_and_sorts_as_a_plain_scan_does(tmp_path):
         Query(sort="size")
 
 
+@pytest.mark.slow
 def test_export_writes_the_approved_songs_with_their_reviews(job, tmp_path):
     songs, out = job
     ids = by_name(out)
@@ -452,6 +454,7 @@ def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):
     assert Catalog(tmp_path / "job").counts() == {"all": 400, **statuses}
 
 
+@pytest.mark.slow
 def test_the_command_prints_its_address_serves_and_stops_on_ctrl_c(job, tmp_path):
     _, out = job
     command = [sys.executable, "-m", "acecap", "review", str(out), "--port", "0"]

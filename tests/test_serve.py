@@ -320,6 +320,7 @@ def test_requests_with_different_settings_run_in_separate_batches_with_the_same_
         )
 
 
+@pytest.mark.slow
 def test_serve_command_finishes_in_flight_requests_on_sigterm(tiny_model):
     process = subprocess.Popen(
         [sys.executable, "-m", "acecap", "serve", "--model", str(tiny_model), "--device", "cpu", "--port", "0"],

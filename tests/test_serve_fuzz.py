@@ -122,6 +122,7 @@ def test_the_valid_request_is_answered(server):
     check(server, json.dumps(VALID).encode())
 
 
+@pytest.mark.slow
 @settings(SETTINGS, max_examples=150)
 @given(request=mutated())
 def test_mutations_of_a_valid_request_get_200_or_a_4xx_in_the_openai_shape(server, request):

@@ -5,7 +5,6 @@ client code, unchanged but for the port, the device and a tiny model in place of
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import offline_hub
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -48,15 +48,7 @@ def user_folder(tmp_path, tiny_model) -> tuple[Path, dict]:
     cache as ACE-Step/acestep-captioner, found offline; its environment."""
     mp3(tmp_path / "song.mp3")
     (tmp_path / "acestep-captioner").symlink_to(tiny_model)
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hf" / "hub" / "models--ACE-Step--acestep-captioner"
-    (cache / "snapshots" / revision).mkdir(parents=True)
-    for item in tiny_model.iterdir():
-        (cache / "snapshots" / revision / item.name).symlink_to(item)
-    (cache / "refs").mkdir()
-    (cache / "refs" / "main").write_text(revision)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms"),
-           "HF_HUB_OFFLINE": "1", "KEY": "readme-key"}  # fmt: skip
+    env = offline_hub(tmp_path, tiny_model, ["ACE-Step/acestep-captioner"])
     return tmp_path, env
 
 
@@ -66,6 +58,7 @@ def test_the_readme_starts_the_server_by_hub_id_and_by_local_folder():
     assert "--model ./acestep-captioner --served-model-name ACE-Step/acestep-captioner" in commands[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the README's example needs curl and jq")
 @pytest.mark.parametrize("which", ["hub id", "local folder"])
 def test_the_readme_examples_work_as_written(user_folder, which):

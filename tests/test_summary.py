@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from conftest import run_acecap
 
@@ -53,6 +54,7 @@ def annotate_cli(tiny_model, songs: Path, out: Path, *args: str):
     return run_acecap("annotate", str(songs), "-o", str(out), "--model", str(tiny_model), "--quiet", *args)
 
 
+@pytest.mark.slow
 def test_the_summary_counts_cut_truncated_silent_and_looping_outputs(tiny_model, tmp_path):
     songs, out = tones(tmp_path / "songs"), tmp_path / "out"
     # The tiny model's random weights never end a text: every one is cut at --max-new-tokens.
@@ -80,6 +82,7 @@ def test_the_summary_counts_cut_truncated_silent_and_looping_outputs(tiny_model,
     assert {"truncated", "cut"} <= set(flagged["long.wav"]) and "silent" in flagged["silence.wav"]
 
 
+@pytest.mark.slow
 def test_meta_is_analysed_not_captioned(tmp_path):
     songs = tones(tmp_path / "songs")
     result = run_acecap("annotate", str(songs), "-o", str(tmp_path / "out"), "--tasks", "meta")

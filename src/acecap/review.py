@@ -331,7 +331,10 @@ def review(folder: Path, host: str = "127.0.0.1", port: int = 0, api_key: str | 
         import webbrowser
 
         threading.Timer(0.5, webbrowser.open, (url,)).start()
-    _server(app).run(sockets=[sock])
+    server = _server(app)
+    server.run(sockets=[sock])
+    if server.should_exit:  # a signal stopped it; uvicorn's re-raise of it can be lost on a loaded machine
+        raise KeyboardInterrupt
 
 
 @contextmanager
