@@ -66,10 +66,11 @@ def test_prefill_logits_match_the_thinker_forward(pair):
     static, _ = pair
     samples = noise_clips([4.0])[0].samples
     inputs = static._features([samples])
-    prompts, embeds = static._prompt_embeddings([samples])
+    ((ids, embeds),) = static._prompts([(samples, static.chat_text)])
+    assert ids.tolist() == inputs["input_ids"][0].tolist()  # the processor's prompt, placeholders expanded
     with torch.inference_mode():
         expected = static.thinker(**inputs).logits[0, -1]
-        ours = Decoder(static.thinker, [len(prompts[0])], 4).prefill(0, embeds[0])
+        ours = Decoder(static.thinker, [len(ids) + 4]).prefill([0], [embeds])[0]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
