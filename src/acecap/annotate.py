@@ -9,26 +9,26 @@ per file after every batch. A slow device simply takes fewer chunks.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import devices
-from .audio import AudioError, Clip, load_audio
-from .batching import batch_limits, batches, caption_splitting
+from .audio import Clip
+from .batching import batch_limits, default_batch_size
+from .decode import PREFILL_TOKENS
 from .devices import dtype_name
 from .generate import Decoding
 from .inputs import Item, discover, in_shard
 from .lyrics import INSTRUMENTAL, parse_transcript
 from .model import TASKS
+from .pipeline import Decoded, Pipeline, default_workers
 from .records import RecordWriter, completed, done_key, file_identity, load_records, merge
 from .writers import atomic_write
 
@@ -64,6 +64,8 @@ class Job:
     shard: tuple[int, int] | None = None
     ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
     ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
+    decode_workers: int | None = None  # audio decoding processes per device; None: the host's cores shared out
+    prefill_tokens: int = PREFILL_TOKENS  # prompt tokens per prefill pass
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -75,6 +77,10 @@ class Job:
             raise ValueError("--segment-seconds and --max-duration must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ValueError("--decode-workers must be at least 1")
+        if self.prefill_tokens < 1:
+            raise ValueError("--prefill-tokens must be at least 1")
 
     @property
     def model_name(self) -> str:
@@ -110,57 +116,25 @@ class Summary:
 # ---- the worker: one loaded model on one device ---------------------------------------------------
 
 
-@dataclass
-class Decoded:
-    item: Item
-    identity: dict
-    clip: Clip | None
-    error: str | None
-    audio_s: float
+def load_options(job: Job) -> dict:
+    """The keyword arguments every `load_audio` call of the job gets (none yet: the whole file, decoded)."""
+    return {}
 
 
-def identity_of(item: Item) -> dict:
-    """The file's identity for its record; a file that cannot be stat'ed keeps its path only."""
-    try:
-        return file_identity(item.path)
-    except OSError:
-        return {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
-
-
-def decode_item(item: Item) -> Decoded:
-    start = time.perf_counter()
-    identity = identity_of(item)
-    try:
-        clip = load_audio(item.path)
-    except AudioError as error:
-        return Decoded(item, identity, None, str(error), time.perf_counter() - start)
-    except Exception as error:  # a decoder bug on one file must not end the run
-        return Decoded(item, identity, None, f"cannot decode: {type(error).__name__}: {error}", 0.0)
-    return Decoded(item, identity, clip, None, time.perf_counter() - start)
-
-
-def _prefetch(work, threads: int = 2) -> Iterator[list[Decoded]]:
-    """Decode the next chunk in background threads while the device works on this one."""
-    ready: queue.Queue = queue.Queue(maxsize=1)
-
-    def fill() -> None:
-        with ThreadPoolExecutor(threads, thread_name_prefix="acecap-decode") as pool:
-            for chunk in iter(work.get, None):
-                ready.put(list(pool.map(decode_item, chunk)))
-        ready.put(None)
-
-    threading.Thread(target=fill, daemon=True, name="acecap-prefetch").start()
-    yield from iter(ready.get, None)
+def decode_workers(job: Job) -> int:
+    """Decoding processes for each device's worker: --decode-workers, or the host's cores shared out."""
+    return job.decode_workers or default_workers(len(job.devices))
 
 
 class Worker:
-    """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
+    """Turns a stream of decoded files into records: with a model (caption, lyrics) or without (meta)."""
 
     def __init__(self, job: Job, captioner, save: Callable[[list[dict], dict[str, Path]], None]):
         """`save(records, relative)` makes records durable; `relative` maps their paths to output names."""
         self.job = job
         self.captioner = captioner
         self.save_records = save
+        self.saving = threading.Lock()
         self.max_duration = job.max_duration
         if captioner is not None:
             full = captioner.max_duration_limit(job.decoding)
@@ -192,72 +166,83 @@ class Worker:
         return record
 
     def save(self, records: list[dict], good: list[Decoded]) -> None:
-        self.save_records(records, {d.identity["path"]: d.item.relative for d in good})
+        with self.saving:  # error records are made on the thread that reads the stream
+            self.save_records(records, {d.identity["path"]: d.item.relative for d in good})
 
-    def run_chunk(self, chunk: list[Decoded]) -> None:
-        self.save([self.record(d) for d in chunk if d.clip is None], [])
-        good = [d for d in chunk if d.clip is not None]
+    def run(self, decoded: Iterable[Decoded]) -> None:
+        """Records for a stream of decoded files, each saved as soon as it is made."""
         if self.job.task == "meta":
-            self._meta(good)
+            for one in self._clips(decoded):
+                self._meta([one])
         elif self.job.long_audio == "segment":
-            self._segments(good)
+            self._segments(decoded)
         else:
-            self._whole(good)
+            self._whole(decoded)
 
-    def _whole(self, good: list[Decoded]) -> None:
-        by_clip = {id(d.clip): d for d in good}
-        for batch in batches([d.clip for d in good], self.max_duration, self.limits):
-            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
-            batch_records = []
-            for clip, result in zip(batch, results, strict=True):
-                decoded = by_clip[id(clip)]
-                if isinstance(result, str):
-                    batch_records.append(self.record(decoded, error=result))
-                    continue
-                timings = {**asdict(result.timings), "audio_s": decoded.audio_s}
-                batch_records.append(
-                    self.record(
-                        decoded,
-                        **self._text_fields([result.text]),
-                        tokens=result.tokens,
-                        finished=result.finished,
-                        captioned_seconds=result.captioned_seconds,
-                        timings=timings,
-                    )
-                )
-            self.save(batch_records, good)
+    def _clips(self, decoded: Iterable[Decoded]):
+        """The decoded files that have a clip; the others get their error record here."""
+        for one in decoded:
+            if one.clip is None:
+                self.save([self.record(one)], [])
+            else:
+                yield one
 
-    def _segments(self, good: list[Decoded]) -> None:
-        step = int(self.job.segment_seconds * 16000)
-        windows = []  # (decoded, start_s, clip)
-        for decoded in good:
-            samples = decoded.clip.samples
-            for start in range(0, len(samples), step):
-                window = Clip(samples[start : start + step], decoded.clip.source)
-                windows.append((decoded, start / 16000, window))
-        by_clip = {id(w[2]): w for w in windows}
-        texts: dict[int, list[dict]] = {id(d): [] for d in good}
-        errors: dict[int, str] = {}
-        for batch in batches([w[2] for w in windows], self.max_duration, self.limits):
-            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
-            for clip, result in zip(batch, results, strict=True):
-                decoded, start, _ = by_clip[id(clip)]
-                if isinstance(result, str):
-                    errors[id(decoded)] = result
-                    continue
-                texts[id(decoded)].append(
-                    {"start": start, "end": start + clip.duration, "text": result.text, "tokens": result.tokens}
-                )
-        records = []
-        for decoded in good:
-            if id(decoded) in errors:
-                records.append(self.record(decoded, error=errors[id(decoded)]))
+    def _caption(self, items):
+        """The captioner's stream over (key, clip) items, within the worker's batch limits."""
+        return self.captioner.caption_stream(
+            items,
+            self.job.decoding,
+            max_duration=self.max_duration,
+            rows=self.limits.clips,
+            cache_bytes=self.limits.cache_bytes,
+        )
+
+    def _whole(self, decoded: Iterable[Decoded]) -> None:
+        for one, result in self._caption((one, one.clip) for one in self._clips(decoded)):
+            if isinstance(result, str):
+                self.save([self.record(one, error=result)], [one])
                 continue
-            segments = sorted(texts[id(decoded)], key=lambda s: s["start"])
+            timings = {**asdict(result.timings), "audio_s": one.audio_s}
+            record = self.record(
+                one,
+                **self._text_fields([result.text]),
+                tokens=result.tokens,
+                finished=result.finished,
+                captioned_seconds=result.captioned_seconds,
+                timings=timings,
+            )
+            self.save([record], [one])
+
+    def _segments(self, decoded: Iterable[Decoded]) -> None:
+        """Consecutive windows of each file captioned in the stream; a file's record once all its windows are."""
+        step = int(self.job.segment_seconds * 16000)
+        files: dict[int, dict] = {}  # id(decoded) → its windows left, segments and first error
+
+        def windows():
+            for one in self._clips(decoded):
+                samples = one.clip.samples
+                files[id(one)] = {"left": -(-len(samples) // step), "segments": [], "error": None}
+                for start in range(0, len(samples), step):
+                    yield (one, start / 16000), Clip(samples[start : start + step], one.clip.source)
+
+        for (one, start), result in self._caption(windows()):
+            state = files[id(one)]
+            state["left"] -= 1
+            if isinstance(result, str):
+                state["error"] = state["error"] or result
+            else:
+                end = start + result.captioned_seconds
+                state["segments"].append({"start": start, "end": end, "text": result.text, "tokens": result.tokens})
+            if state["left"]:
+                continue
+            del files[id(one)]
+            if state["error"]:
+                self.save([self.record(one, error=state["error"])], [one])
+                continue
+            segments = sorted(state["segments"], key=lambda s: s["start"])
             tokens = sum(s["tokens"] for s in segments)
             fields = self._text_fields([s["text"] for s in segments])
-            records.append(self.record(decoded, **fields, tokens=tokens, segments=segments))
-        self.save(records, good)
+            self.save([self.record(one, **fields, tokens=tokens, segments=segments)], [one])
 
     def _text_fields(self, texts: list[str]) -> dict:
         """The record's fields for the model's text (one per segment): a caption as it is; lyrics parsed
@@ -308,8 +293,9 @@ def load_captioner(job: Job, device: str):
 
     if job.task == "meta":
         return None
+    options = {"dtype": job.dtype, "hub": job.hub, "prompt": job.prompt, "decoder": job.decoder}
     return Captioner.from_pretrained(
-        job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub, prompt=job.prompt, decoder=job.decoder
+        job.model, task=job.task, device=device, prefill_tokens=job.prefill_tokens, **options
     )
 
 
@@ -319,24 +305,30 @@ def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None]
 
 
 def _worker_main(job: Job, rank: int, device: str, run_id: str, work, events) -> None:
-    """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
-    try:
-        captioner = load_captioner(job, device)
-    except Exception as error:
-        events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
-        return
-    writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
+    """Body of each worker, thread or process: load once, then caption the files of the queue's chunks as they
+    are decoded, until the queue says stop."""
+    items = (item for chunk in iter(work.get, None) for item in chunk)
+    with Pipeline(decode_workers(job), load_options(job)) as pipeline:
+        ahead = job.batch_size or default_batch_size(device.partition(":")[0])
+        # One device: decoding starts while the model loads, so the first batch is ready with it. With several,
+        # a device whose model fails to load must not hold files that the others could caption.
+        decoded = pipeline.decode(items, ahead) if len(job.devices) == 1 else None
+        try:
+            captioner = load_captioner(job, device)
+        except Exception as error:
+            events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
+            return
+        writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
 
-    def save(records: list[dict], relative: dict[str, Path]) -> None:
-        writer.write(records)
-        write_txt(job, records, relative)
-        events.put(("records", rank, summarise_records(records), None))
+        def save(records: list[dict], relative: dict[str, Path]) -> None:
+            writer.write(records)
+            write_txt(job, records, relative)
+            events.put(("records", rank, summarise_records(records), None))
 
-    worker = Worker(job, captioner, save)
-    loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
-    events.put(("loaded", rank, *loaded))
-    for chunk in _prefetch(work):
-        worker.run_chunk(chunk)
+        worker = Worker(job, captioner, save)
+        loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
+        events.put(("loaded", rank, *loaded))
+        worker.run(decoded or pipeline.decode(items, ahead))
     events.put(("exit", rank, device, None))
 
 

@@ -58,6 +58,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             shard=_shard(args.shard),
             ray=args.ray,
             ray_actors=args.ray_actors,
+            decode_workers=args.decode_workers,
+            prefill_tokens=args.prefill_tokens,
         )
         if len(tasks) > 1:
             log.info("task %s", task)
@@ -125,7 +127,8 @@ def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
     from .devices import dtype_name
 
     captioner = Captioner.from_pretrained(args.model, task=args.task, device=args.device, dtype=args.dtype,
-                                          hub=args.hub, prompt=prompt, decoder=args.decoder)  # fmt: skip
+                                          hub=args.hub, prompt=prompt, decoder=args.decoder,
+                                          prefill_tokens=args.prefill_tokens)  # fmt: skip
     print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
           f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
     return captioner
@@ -184,6 +187,7 @@ def bench_command(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         tokens=args.tokens,
         repeats=args.repeats,
+        prefill_tokens=args.prefill_tokens,
         output_dir=args.output_dir,
         log=lambda line: print(line, file=sys.stderr),
     )
