@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,3 +71,22 @@ def test_serve_load_benchmark_answers_every_request_once_and_computes_its_rates(
     on, off = report["runs"]
     assert report["gain"] == pytest.approx(on["requests_per_s"] / off["requests_per_s"])
     assert f"{report['gain']:.2f}×" in (tmp_path / "serve_load.md").read_text()
+
+
+def test_pipeline_benchmark_runs_and_computes_its_rates(tmp_path):
+    bench = load_program("pipeline")
+    report = bench.main(["--songs", "3", "--seconds", "3", "--workers", "1,2", "--batch", "2", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "pipeline.json").read_text())
+    one, two = report["runs"]
+    for run in report["runs"]:
+        assert run["songs"] == 3 and run["errors"] == 0
+        assert run["audio_seconds"] == pytest.approx(report["setup"]["audio_seconds"], abs=0.01)
+        assert run["songs_per_s"] == pytest.approx(3 / run["wall_s"])
+        assert run["audio_seconds_per_s"] == pytest.approx(run["audio_seconds"] / run["wall_s"])
+        assert run["worker_cpu_s_per_song"] > 0 and run["consumer_cpu_s_per_song"] > 0
+    assert two["speedup"] == pytest.approx(two["songs_per_s"] / one["songs_per_s"])
+    need = report["cores_needed"]
+    per_song = min(one["worker_cpu_s_per_song"], two["worker_cpu_s_per_song"])
+    assert need["songs_per_s"] == pytest.approx(800 / report["setup"]["mean_song_s"])
+    assert need["cores"] == math.ceil(need["songs_per_s"] * per_song) + 1
+    assert f"**{need['cores']} cores**" in (tmp_path / "pipeline.md").read_text()

@@ -95,3 +95,9 @@ def test_help_teaches():
     assert result.returncode == 0
     for flag in ("--model", "--hub", "--device", "--dtype", "--max-new-tokens", "--max-duration", "--prompt", "-f"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--decode-workers", "--prefill-tokens"])
+def test_annotate_refuses_a_pipeline_without_room_before_loading(tiny_model, tmp_path, flag):
+    result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), flag, "0")
+    assert f"{flag} must be at least 1" in one_error_line(result)

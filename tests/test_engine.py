@@ -116,12 +116,15 @@ def _tokens(captioner: Captioner, clips: list[Clip], source: str, decoding: Deco
     return [step[0] for step in steps][: result.tokens]
 
 
-def test_a_clip_that_cannot_be_captioned_fails_alone(ending):
-    clips = noise_clips([2.0, 1.0, 3.0])
-    clips.insert(1, Clip(np.zeros(0, dtype=np.float32), "empty"))  # no audio: its prompt cannot be built
+@pytest.mark.parametrize("rows", [4, 2])
+def test_a_clip_that_cannot_be_captioned_fails_alone(ending, rows):
+    """In the first wave (4 rows), or in a refill beside a clip already decoding (2 rows): that one is run
+    again alone, from its audio, and gets the tokens it gets alone."""
+    clips = noise_clips([2.0, 1.0, 3.0, 2.5, 1.5])
+    clips.append(Clip(np.zeros(0, dtype=np.float32), "empty"))  # no audio: its prompt cannot be built
     decoding = Decoding(max_new_tokens=12)
-    results = dict(ending.caption_stream(((c.source, c) for c in clips), decoding, rows=4))
-    assert isinstance(results["empty"], str) and results["empty"]
+    results = dict(ending.caption_stream(((c.source, c) for c in clips), decoding, rows=rows))
+    assert results["empty"] == "ValueError: no audio samples to caption"
     for clip in clips:
         if clip.source != "empty":
             assert results[clip.source].text == ending.caption_clips([clip], decoding)[0].text

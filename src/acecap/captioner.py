@@ -326,6 +326,8 @@ class Captioner:
         Features for the whole group on the device in one batch, then every 2 s window of the group through
         the audio encoder together; `layer_outputs` collects each encoder layer's rows (for `compare`).
         """
+        if any(len(samples) == 0 for samples, _ in payloads):
+            raise ValueError("no audio samples to caption")
         features, frames = self.log_mel([samples for samples, _ in payloads])
         tower = compat.thinker_parts(self.thinker).audio_tower
         per_window = audio_tokens(2 * tower.n_window)

@@ -31,7 +31,7 @@ log = logging.getLogger("acecap")
 # several clips at once, and the decode batch never falls far below full.
 REFILL_SHARE = 8
 # Clips held waiting, per row of the wave: each free row has lengths to choose from, and host memory stays
-# bounded (2 x 64 three-minute clips at 16 kHz in float32: 1.5 GB).
+# bounded (with the clips in the rows, 3 x 64 three-minute clips at 16 kHz in float32: 2.2 GB).
 WAITING_PER_ROW = 2
 
 
@@ -42,7 +42,7 @@ class Pending:
     key: Any
     need: int  # prompt tokens + new tokens
     seconds: float  # audio captioned, for messages
-    payload: Any  # what the wave's prepare turns into a prompt; dropped once prefilled
+    payload: Any  # what the wave's prepare turns into a prompt (kept while the clip is on the device: a retry needs it)
 
 
 @dataclass(eq=False)
@@ -160,9 +160,8 @@ class StaticWave:
                 if self.decoding.repetition_penalty != 1.0:
                     for row, (ids, _) in zip(rows, prompts, strict=True):
                         self.seen[row, ids] = True
-                for (row, pending), (ids, _) in zip(group, prompts, strict=True):
+                for row, (ids, _) in zip(rows, prompts, strict=True):
                     self.rows[row].prompt_tokens = len(ids)
-                    pending.payload = None  # its samples are in the cache now
         first = devices.now(self.device)
         for row, _ in assignments:
             self.rows[row].first = first
@@ -225,7 +224,6 @@ class PaddedWave:
         self.inputs = self.prepare([self.rows[row].pending.payload for row in order])
         for row, count in zip(order, self.inputs["attention_mask"].sum(dim=1).tolist(), strict=True):
             self.rows[row].prompt_tokens = int(count)
-            self.rows[row].pending.payload = None
 
     def advance(self, on_step: Callable[[list[tuple[Any, int]]], None] | None) -> list[Row]:
         """The whole batch, generated to its end in one call."""
@@ -312,39 +310,41 @@ def stream(
                     _refill(wave, waiting, needs, feed.ended)
                 for row in wave.advance(on_step):
                     yield row.pending.key, finished_of(row, end_ids)
+                continue
             except Exception as error:
                 failed = [row.pending for row in wave.rows.values()] if wave is not None else chosen
                 if not failed:
                     raise  # no clip was on the device: not a clip's failure
                 wave = None
-                devices.empty_cache(device)
-                yield from _after_failure(error, failed, rows, alone, waiting, needs)
-                if devices.is_out_of_memory(error) and len(failed) > 1:
-                    rows = max(1, min(rows, len(failed)) // 2)
-                    log.warning("out of memory with %d clips in the batch; going on with at most %d", len(failed), rows)
+                out_of_memory = devices.is_out_of_memory(error)
+                reason = f"{type(error).__name__}: {error}"
+                if not out_of_memory:
+                    log.exception("captioning %d clip(s) on %s failed", len(failed), device)
+            # Outside the except block, whose traceback holds the failed wave's tensors.
+            devices.empty_cache(device)
+            yield from _after_failure(out_of_memory, reason, failed, alone, waiting, needs)
+            if out_of_memory and len(failed) > 1:
+                rows = max(1, min(rows, len(failed)) // 2)
+                log.warning("out of memory with %d clips in the batch; going on with at most %d", len(failed), rows)
     finally:
         feed.stop()
 
 
-def _after_failure(error: Exception, failed: list[Pending], rows: int, alone: list, waiting: list, needs: list):
-    """Where a failed wave's clips go: back to wait (out of memory), to run alone (other errors), or, when a
-    clip already ran alone, an error for it."""
+def _after_failure(out_of_memory: bool, reason: str, failed: list[Pending], alone: list, waiting: list, needs: list):
+    """Where a failed wave's clips go: back to wait (out of memory), to run alone (any other error), or, when
+    the clip ran alone, an error for it."""
     if len(failed) == 1:
         pending = failed[0]
-        if devices.is_out_of_memory(error):
-            yield pending.key, f"device out of memory even for this clip alone ({pending.seconds:.0f} s)"
-        else:
-            log.error("captioning %s failed: %s: %s", pending.key, type(error).__name__, error)
-            yield pending.key, f"{type(error).__name__}: {error}"
-        return
-    if devices.is_out_of_memory(error):
+        if out_of_memory:
+            reason = f"device out of memory even for this clip alone ({pending.seconds:.0f} s)"
+        yield pending.key, reason
+    elif out_of_memory:
         for pending in failed:
             at = bisect.bisect(needs, pending.need)
             waiting.insert(at, pending)
             needs.insert(at, pending.need)
-        return
-    log.exception("a batch of %d failed; running its clips one at a time", len(failed), exc_info=error)
-    alone.extend(reversed(failed))
+    else:
+        alone.extend(reversed(failed))
 
 
 def _choose(waiting: list[Pending], needs: list[int], rows: int, cache_tokens: int | None, padding: float | None):
