@@ -90,3 +90,20 @@ def test_pipeline_benchmark_runs_and_computes_its_rates(tmp_path):
     assert need["songs_per_s"] == pytest.approx(800 / report["setup"]["mean_song_s"])
     assert need["cores"] == math.ceil(need["songs_per_s"] * per_song) + 1
     assert f"**{need['cores']} cores**" in (tmp_path / "pipeline.md").read_text()
+
+
+def test_prefill_benchmark_runs_and_packed_equals_clip_by_clip(tmp_path):
+    bench = load_program("prefill")
+    report = bench.main(["--shape", "tiny", "--dtype", "fp32", "--cases", "3x2", "2x5", "--budget", "200",
+                         "-o", str(tmp_path)])  # fmt: skip
+    assert report == json.loads((tmp_path / "prefill.json").read_text())
+    for case in report["prefill"]:
+        assert case["max_logit_difference"] < 1e-4  # a 2 s prompt and a 5 s one cross the 200-token passes
+        assert case["speedup"] == pytest.approx(case["clip_by_clip_s"] / case["packed_s"])
+        assert f"{case['speedup']:.2f}×" in (tmp_path / "prefill.md").read_text()
+    for case in report["attention"]:
+        assert case["max_difference"] < 1e-4
+        assert (
+            case["pass_tokens"] == case["clips"] * report["prefill"][report["attention"].index(case)]["prompt_tokens"]
+        )
+        assert case["ratio"] == pytest.approx(case["block_diagonal_s"] / case["per_prompt_s"])
