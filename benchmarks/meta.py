@@ -1,15 +1,25 @@
-"""Tempo, key and metre accuracy of the `meta` task on generated material whose truth is known.
+"""Tempo, key and metre accuracy of the `meta` task's signal analysis, on corpora whose truth is known.
 
-Cases: drum patterns (kick, snare, hi-hat) under chord progressions in a major or minor key, and bare
-metronome clicks (accented downbeat), at tempos drawn from 60–180 BPM, in 3/4 and 4/4. Each is written as a
-44.1 kHz stereo wav and read back through acecap's own audio loader, then analysed as `annotate --tasks
-meta` does. Scoring: tempo within ±2 BPM (a half or double tempo counts as wrong), key exact (clicks have
-no key and are left out), beats per bar exact.
+Corpora, built by different methods:
+- `synth`  (meta_synth.py): drum sounds, chord tones and clicks synthesised with numpy;
+- `scores` (meta_scores.py): pieces composed as symbolic scores (grooves with syncopation, swing, 16th
+  hi-hats; relative-key loops; modulations; tempo drift; detuning) rendered by fluidsynth with a General
+  MIDI soundfont;
+- `issue`  (meta_scores.py): the two sets of pieces issue 16 reported, rebuilt (held-out split only).
 
-    python benchmarks/meta.py                  # 60 cases of 30 s
-    python benchmarks/meta.py --cases 6 -o /tmp/meta   # smoke run
+Splits: `dev` draws seeds from 0, `heldout` from 100000. Develop and tune on dev only; run heldout once, to
+report. Every clip is written as a 44.1 kHz stereo file and read back through acecap's own audio loader,
+then analysed as `acecap annotate --tasks meta` does.
 
-Writes meta.json and meta.md into -o (default benchmarks/results).
+Scores: tempo within ±2 BPM (a half or double is wrong), MIREX Acc1 (±4 %) and Acc2 (±4 % of the tempo or
+its double, half, triple or third); key exact and the MIREX weighted score (1 exact, 0.5 the dominant,
+0.3 relative, 0.2 parallel, as mir_eval); time signature exact; process CPU seconds per minute of audio.
+
+    python benchmarks/meta.py --split dev                       # 60 synth + 120 scores clips of 30 s
+    python benchmarks/meta.py --split heldout                   # once, at the end
+    python benchmarks/meta.py --split dev --cases 4 -o /tmp/m   # smoke run
+
+Writes meta-<split>.json and meta-<split>.md into -o (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -17,192 +27,243 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
-from acecap.audio import load_audio
-from acecap.meta import PITCHES, analyse
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the corpus builders beside this file
 
-RATE = 44100
-# Scale degrees (semitones above the tonic) of each chord's root and its quality.
-PROGRESSIONS = {
-    "major": [[(0, "maj"), (7, "maj"), (9, "min"), (5, "maj")], [(0, "maj"), (5, "maj"), (7, "maj"), (0, "maj")]],
-    "minor": [[(0, "min"), (5, "min"), (7, "maj"), (0, "min")], [(0, "min"), (8, "maj"), (5, "min"), (7, "maj")]],
-}
-TRIADS = {"maj": (0, 4, 7), "min": (0, 3, 7)}
+import meta_scores  # noqa: E402
+import meta_synth  # noqa: E402
 
+from acecap.audio import load_audio  # noqa: E402
+from acecap.meta import PITCHES, analyse  # noqa: E402
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    kind: str  # "band" (drums and chords) or "click"
-    bpm: int
-    beats: int  # per bar
-    key: str | None  # "A minor"; None for clicks
+SPLITS = {"dev": 0, "heldout": 100000}
+CORPORA = ("synth", "scores", "issue")
+KEY_WEIGHTS = {"exact": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2, "other": 0.0, "none": 0.0}
+THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
 
-def _hit(length: int, decay_s: float) -> np.ndarray:
-    return np.exp(-np.arange(length) / (decay_s * RATE))
+def key_relation(truth: str, found: str | None) -> str:
+    """How a found key relates to the true one, as MIREX and mir_eval score it (the fifth: the dominant)."""
+    if found is None:
+        return "none"
+    (tonic, mode), (found_tonic, found_mode) = truth.split(), found.split()
+    interval = (PITCHES.index(found_tonic) - PITCHES.index(tonic)) % 12
+    if mode == found_mode:
+        return "exact" if interval == 0 else "fifth" if interval == 7 else "other"
+    if interval == 0:
+        return "parallel"
+    return "relative" if interval == (9 if mode == "major" else 3) else "other"
 
 
-def _tone(frequency: float, length: int, partials: int = 4) -> np.ndarray:
-    t = np.arange(length) / RATE
-    return sum(np.sin(2 * np.pi * frequency * k * t) / k for k in range(1, partials + 1))
+def tempo_scores(truth: float, found: int | None) -> dict:
+    if found is None:
+        return {"bpm_ok": False, "acc1": False, "acc2": False}
+    near = [abs(found - truth * factor) <= 0.04 * truth * factor for factor in (1, 2, 0.5, 3, 1 / 3)]
+    return {"bpm_ok": abs(found - truth) <= 2, "acc1": near[0], "acc2": any(near)}
 
 
-def render(case: Case, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """Mono samples at 44.1 kHz of one case."""
-    total = int(seconds * RATE)
-    out = np.zeros(total + RATE)
-    beat = 60.0 / case.bpm
-    n_beats = int(seconds / beat)
-    kick = np.sin(2 * np.pi * np.cumsum(np.linspace(120, 45, int(0.15 * RATE))) / RATE) * _hit(int(0.15 * RATE), 0.05)
-    snare = rng.standard_normal(int(0.2 * RATE)) * _hit(int(0.2 * RATE), 0.06)
-    hat = np.diff(rng.standard_normal(int(0.04 * RATE) + 1)) * _hit(int(0.04 * RATE), 0.008)
-    click_high, click_low = (_tone(f, int(0.03 * RATE), 1) * _hit(int(0.03 * RATE), 0.008) for f in (1760, 880))
-
-    def place(sound: np.ndarray, at_s: float, gain: float) -> None:
-        start = int(at_s * RATE)
-        out[start : start + len(sound)] += gain * sound[: len(out) - start]
-
-    for index in range(n_beats):
-        at, position = index * beat, index % case.beats
-        if case.kind == "click":
-            place(click_high if position == 0 else click_low, at, 0.6 if position == 0 else 0.35)
-            continue
-        if position == 0:
-            place(kick, at, 1.0)
-        elif case.beats == 4 and position == 2:
-            place(kick, at, 0.8)
-        if (case.beats == 4 and position in (1, 3)) or (case.beats == 3 and position in (1, 2)):
-            place(snare, at, 1.0 if case.beats == 4 else 0.6)  # the backbeat; a waltz's "pah-pah" lighter
-        for eighth in (0.0, 0.5):
-            place(hat, at + eighth * beat, 0.12)
-    if case.kind == "band":
-        tonic_name, mode = case.key.split()
-        tonic = PITCHES.index(tonic_name)
-        progression = PROGRESSIONS[mode][rng.integers(len(PROGRESSIONS[mode]))]
-        bar = beat * case.beats
-        for index in range(int(seconds / bar)):
-            root, quality = progression[index % len(progression)]
-            length = int(bar * RATE)
-            bass = 110.0 * 2 ** (((tonic + root) % 12 - 9) / 12)  # C2 … B2 (A2 = 110 Hz)
-            chord = sum(_tone(bass * 4 * 2 ** (step / 12), length) for step in TRIADS[quality])
-            envelope = np.minimum(1.0, np.arange(length) / (0.01 * RATE)) * _hit(length, bar * 1.5)
-            place((0.3 * _tone(bass, length, 2) + 0.25 * chord) * envelope, index * bar, 0.5)
-    out = out[:total]
-    return (0.8 * out / np.abs(out).max()).astype(np.float32)
-
-
-def cases(count: int, seed: int) -> list[Case]:
-    """`count` cases: a fifth clicks, the rest bands, keys cycling through all 24, metres alternating."""
-    rng = np.random.default_rng(seed)
-    found = []
-    for index in range(count):
-        bpm = int(rng.integers(60, 181))
-        beats = 3 if index % 2 else 4
-        if index % 5 == 4:
-            found.append(Case(f"click{index:02d}", "click", bpm, beats, None))
-            continue
-        key = f"{PITCHES[(index * 7) % 12]} {'minor' if (index // 2) % 2 else 'major'}"
-        found.append(Case(f"band{index:02d}", "band", bpm, beats, key))
-    return found
-
-
-def score(case: Case, found: dict) -> dict:
-    bpm_ok = found["bpm"] is not None and abs(found["bpm"] - case.bpm) <= 2
+def score(corpus: str, truth: dict, found: dict) -> dict:
+    relation = None if truth["key"] is None else key_relation(truth["key"], found["keyscale"])
     return {
-        **asdict(case),
+        "corpus": corpus,
+        **truth,
         "found_bpm": found["bpm"],
         "found_key": found["keyscale"],
-        "found_beats": found["timesignature"],
-        "bpm_ok": bpm_ok,
-        "key_ok": None if case.key is None else found["keyscale"] == case.key,
-        "beats_ok": found["timesignature"] == case.beats,
-        "seconds": found["seconds"],
+        "found_timesignature": found["timesignature"],
+        "confidence": {k: found[f"{k}_confidence"] for k in ("bpm", "keyscale", "timesignature")},
+        **tempo_scores(truth["bpm"], found["bpm"]),
+        "key_relation": relation,
+        "key_ok": None if relation is None else relation == "exact",
+        "key_weighted": None if relation is None else KEY_WEIGHTS[relation],
+        "metre_ok": found["timesignature"] == truth["timesignature"],
+        "cpu_s": found["cpu_s"],
+        "audio_s": found["duration"],
     }
 
 
 def summarise(rows: list[dict]) -> dict:
     keyed = [r for r in rows if r["key_ok"] is not None]
+    share = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    relations = {name: sum(r["key_relation"] == name for r in keyed) for name in KEY_WEIGHTS}
+    by_threshold = {}
+    for threshold in THRESHOLDS:
+        entry = {}
+        for value, ok in (("bpm", "bpm_ok"), ("keyscale", "key_ok"), ("timesignature", "metre_ok")):
+            subset = [r for r in rows if r[ok] is not None]
+            kept = [r for r in subset if r["confidence"][value] >= threshold]
+            entry[value] = {"kept": share([r in kept for r in subset]), "accuracy": share([r[ok] for r in kept])}
+        by_threshold[str(threshold)] = entry
     return {
         "cases": len(rows),
-        "bpm_accuracy": sum(r["bpm_ok"] for r in rows) / len(rows),
+        "bpm_within_2": share([r["bpm_ok"] for r in rows]),
+        "acc1": share([r["acc1"] for r in rows]),
+        "acc2": share([r["acc2"] for r in rows]),
         "key_cases": len(keyed),
-        "key_accuracy": sum(r["key_ok"] for r in keyed) / len(keyed) if keyed else None,
-        "beats_accuracy": sum(r["beats_ok"] for r in rows) / len(rows),
-        "seconds_per_clip": sum(r["seconds"] for r in rows) / len(rows),
+        "key_exact": share([r["key_ok"] for r in keyed]),
+        "key_weighted": share([r["key_weighted"] for r in keyed]),
+        "key_relations": relations,
+        "metre_exact": share([r["metre_ok"] for r in rows]),
+        "cpu_s_per_audio_min": sum(r["cpu_s"] for r in rows) / (sum(r["audio_s"] for r in rows) / 60) if rows else None,
+        "by_confidence": by_threshold,
     }
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def markdown(report: dict) -> str:
-    s = report["summary"]
-    key = f"{s['key_accuracy']:.0%} of {s['key_cases']}" if s["key_accuracy"] is not None else "n/a"
+    setup = report["setup"]
     lines = [
-        f"{s['cases']} clips of {report['setup']['seconds']:.0f} s ({report['setup']['machine']}):",
+        f"Split `{setup['split']}`, clips of {setup['seconds']:.0f} s; {setup['machine']}, librosa "
+        f"{setup['librosa']}; analysis CPU time is process time (all threads).",
         "",
-        "| measure | accuracy | target |",
-        "| --- | --- | --- |",
-        f"| tempo within ±2 BPM (half/double wrong) | {s['bpm_accuracy']:.0%} | ≥ 90 % |",
-        f"| key exact | {key} | ≥ 80 % |",
-        f"| beats per bar exact | {s['beats_accuracy']:.0%} | – |",
-        "",
-        f"Analysis time: {s['seconds_per_clip']:.2f} s per clip.",
-        "",
-        "| clip | truth | found |",
-        "| --- | --- | --- |",
+        "| corpus | clips | tempo ±2 BPM | Acc1 (±4 %) | Acc2 | key exact | key weighted | metre exact "
+        "| CPU s per audio min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    for name, s in report["summary"].items():
+        lines.append(
+            f"| {name} | {s['cases']} | {_percent(s['bpm_within_2'])} | {_percent(s['acc1'])} | "
+            f"{_percent(s['acc2'])} | {_percent(s['key_exact'])} of {s['key_cases']} | "
+            f"{'–' if s['key_weighted'] is None else format(s['key_weighted'], '.3f')} | "
+            f"{_percent(s['metre_exact'])} | {s['cpu_s_per_audio_min']:.3f} |"
+        )
+    total = report["summary"]["all"]
+    relations = ", ".join(f"{name} {count}" for name, count in total["key_relations"].items() if count)
+    lines += ["", f"Keys found, against the truth (all corpora): {relations}.", ""]
+    lines += ["| min confidence | tempo kept / right | key kept / right | metre kept / right |"]
+    lines += ["| --- | --- | --- | --- |"]
+    for threshold, entry in total["by_confidence"].items():
+        cells = [f"{_percent(entry[v]['kept'])} / {_percent(entry[v]['accuracy'])}" for v in entry]
+        lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
+    lines += ["", "| clip | truth | found | wrong |", "| --- | --- | --- | --- |"]
     for r in report["rows"]:
-        truth = f"{r['bpm']} BPM, {r['beats']}/4, {r['key'] or 'no key'}"
-        found = f"{r['found_bpm']} BPM, {r['found_beats']}/4, {r['found_key']}"
-        wrong = [
-            name for name, ok in (("tempo", r["bpm_ok"]), ("key", r["key_ok"]), ("metre", r["beats_ok"])) if ok is False
-        ]
-        lines.append(f"| {r['name']} | {truth} | {found}{' (wrong ' + ', '.join(wrong) + ')' if wrong else ''} |")
+        truth = f"{r['bpm']:g} BPM, {r['timesignature']}, {r['key'] or 'no key'}"
+        found = f"{r['found_bpm']} BPM, {r['found_timesignature']}, {r['found_key']}"
+        wrong = [name for name, ok in (("tempo", r["bpm_ok"]), ("metre", r["metre_ok"])) if ok is False]
+        if r["key_ok"] is False:
+            wrong.append(f"key ({r['key_relation']})")
+        lines.append(f"| {r['name']} ({r['detail']}) | {truth} | {found} | {', '.join(wrong)} |")
     return "\n".join(lines)
+
+
+def _synth_clips(count: int, seed: int, seconds: float):
+    for index, case in enumerate(meta_synth.cases(count, seed)):
+        mono = meta_synth.render(case, seconds, np.random.default_rng([seed, index]))
+        truth = {"name": case.name, "bpm": float(case.bpm), "timesignature": case.timesignature, "key": case.key}
+        hats = case.kind == "band" and case.timesignature != 6
+        truth["detail"] = f"{case.kind}, {case.hats}th hats" if hats else case.kind
+        yield np.stack([mono, mono], axis=1), truth
+
+
+def _score_clips(specs: list[dict], seconds: float):
+    for spec in specs:
+        audio, piece = meta_scores.render(spec, seconds)
+        truth = {k: getattr(piece, k) for k in ("name", "bpm", "timesignature", "key", "detail")}
+        yield audio, truth
+
+
+def clips(corpus: str, split: str, count: int, seconds: float):
+    """(44.1 kHz stereo samples, truth) for each clip of a corpus's split."""
+    first = SPLITS[split]
+    if corpus == "synth":
+        return _synth_clips(count, first, seconds)
+    if corpus == "scores":
+        return _score_clips(meta_scores.pieces(count, first), seconds)
+    if split != "heldout":
+        raise ValueError("the issue corpus is held out: run it with --split heldout")
+    return _score_clips(meta_scores.issue_pieces(first + 50000), seconds)
+
+
+def _cached(cache: Path | None, corpus: str, split: str, count: int, seconds: float):
+    """The clips, from the cache folder when it has them (tuning runs only the analysis again)."""
+    if cache is None:
+        yield from clips(corpus, split, count, seconds)
+        return
+    folder = cache / f"{corpus}-{split}-{seconds:g}s"
+    index_path = folder / f"index-{count}.json"
+    if index_path.is_file():
+        for truth in json.loads(index_path.read_text()):
+            yield folder / f"{truth['name']}.flac", truth
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    truths = []
+    for audio, truth in clips(corpus, split, count, seconds):
+        path = folder / f"{truth['name']}.flac"
+        soundfile.write(path, audio, meta_synth.RATE)
+        truths.append(truth)
+        yield path, truth
+    index_path.write_text(json.dumps(truths, indent=1))
+
+
+def run(corpora: list[str], split: str, counts: dict[str, int], seconds: float, cache: Path | None) -> list[dict]:
+    analyse(np.random.default_rng(0).standard_normal(16000 * 8).astype(np.float32))  # compile and import first
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="acecap-meta-") as scratch:
+        for corpus in corpora:
+            for source, truth in _cached(cache, corpus, split, counts[corpus], seconds):
+                path = source
+                if not isinstance(source, Path):
+                    path = Path(scratch) / f"{truth['name']}.wav"
+                    soundfile.write(path, source, meta_synth.RATE)
+                clip = load_audio(path)
+                start = time.process_time()
+                found = analyse(clip.samples).to_dict()
+                found["cpu_s"] = time.process_time() - start
+                rows.append(score(corpus, truth, found))
+                print(f"{truth['name']}: {rows[-1]['found_bpm']} {rows[-1]['found_key']} "
+                      f"{rows[-1]['found_timesignature']} (truth {truth['bpm']:g} {truth['key']} "
+                      f"{truth['timesignature']})", file=sys.stderr)  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--split", choices=list(SPLITS), default="dev")
+    parser.add_argument("--corpus", help=f"comma list of {', '.join(CORPORA)} (default: all the split has)")
+    parser.add_argument("--cases", type=int, help="clips per seeded corpus (default 60 synth, 120 scores)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each clip")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, help="keep rendered clips here and reuse them")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     import librosa
 
-    rng = np.random.default_rng(args.seed + 1)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="acecap-meta-") as scratch:
-        for case in cases(args.cases, args.seed):
-            path = Path(scratch) / f"{case.name}.wav"
-            mono = render(case, args.seconds, rng)
-            soundfile.write(path, np.stack([mono, mono], axis=1), RATE)
-            clip = load_audio(path)
-            start = time.perf_counter()
-            found = analyse(clip.samples).to_dict()
-            found["seconds"] = time.perf_counter() - start
-            rows.append(score(case, found))
+    corpora = args.corpus.split(",") if args.corpus else [c for c in CORPORA if c != "issue" or args.split != "dev"]
+    unknown = set(corpora) - set(CORPORA)
+    if unknown:
+        parser.error(f"unknown corpus {', '.join(sorted(unknown))}")
+    missing = meta_scores.fluidsynth_available()
+    if missing and set(corpora) & {"scores", "issue"}:
+        parser.error(f"the scores and issue corpora need fluidsynth: {missing}")
+    counts = {"synth": args.cases or 60, "scores": args.cases or 120, "issue": 19}
+    rows = run(corpora, args.split, counts, args.seconds, args.cache)
+    summary = {corpus: summarise([r for r in rows if r["corpus"] == corpus]) for corpus in corpora}
+    summary["all"] = summarise(rows)
     report = {
         "setup": {
             "machine": f"{platform.machine()}, {platform.platform()}",
             "librosa": librosa.__version__,
-            "cases": args.cases,
+            "split": args.split,
+            "first_seed": SPLITS[args.split],
+            "corpora": corpora,
             "seconds": args.seconds,
-            "seed": args.seed,
         },
-        "summary": summarise(rows),
+        "summary": summary,
         "rows": rows,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "meta.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / "meta.md").write_text(markdown(report) + "\n")
+    (args.output_dir / f"meta-{args.split}.json").write_text(json.dumps(report, indent=2, default=asdict) + "\n")
+    (args.output_dir / f"meta-{args.split}.md").write_text(markdown(report) + "\n")
     print(markdown(report))
     return report
 

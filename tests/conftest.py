@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,12 @@ def tone(seconds: float, rate: int = RATE, frequency: float = 440.0) -> np.ndarr
     return (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
 
 
-def encode_with_pyav(path: Path, samples: np.ndarray, rate: int, codec: str) -> Path:
-    """Write mono float samples with an FFmpeg encoder (aac for .m4a, libopus for .opus)."""
+def encode_with_pyav(path: Path, samples: np.ndarray, rate: int, codec: str, movflags: str | None = None) -> Path:
+    """Write mono float samples with an FFmpeg encoder (aac for .m4a, libopus for .opus); `movflags`
+    "+faststart" puts an mp4's index before its audio."""
     import av
 
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options={"movflags": movflags} if movflags else {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.layout = "mono"
         frame_size = 960 if codec == "libopus" else 1024
@@ -37,6 +39,17 @@ def encode_with_pyav(path: Path, samples: np.ndarray, rate: int, codec: str) -> 
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+    return path
+
+
+def pcm_wav(path: Path, samples: np.ndarray, rate: int, declared_frames: int | None = None) -> Path:
+    """A 16-bit mono WAV written by hand, so its header may declare more (or a stranger rate) than it holds."""
+    data = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    declared = len(data) if declared_frames is None else declared_frames * 2
+    header = b"RIFF" + struct.pack("<I", 36 + declared) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, (rate * 2) & 0xFFFFFFFF, 2, 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + b"data" + struct.pack("<I", declared) + data)
     return path
 
 

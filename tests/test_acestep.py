@@ -46,14 +46,19 @@ def scan(folder: Path) -> dict[str, dict]:
 
 
 def write_songs(folder: Path) -> Path:
-    """Two short band clips of known tempo and key (the meta benchmark's material), as 44.1 kHz wavs."""
-    meta = load_program("meta")
+    """Two short band clips of known tempo and key (the meta benchmark's numpy corpus), as 44.1 kHz wavs."""
+    synth = load_program("meta_synth")
     rng = np.random.default_rng(0)
     folder.mkdir()
-    for case in (meta.Case("waltz", "band", 96, 3, "D major"), meta.Case("rock", "band", 128, 4, "A minor")):
-        mono = meta.render(case, 12.0, rng)
-        soundfile.write(folder / f"{case.name}.wav", np.stack([mono, mono], axis=1), meta.RATE)
+    for case in (synth.Case("waltz", "band", 96, 3, "D major"), synth.Case("rock", "band", 128, 4, "A minor")):
+        mono = synth.render(case, 12.0, rng)
+        soundfile.write(folder / f"{case.name}.wav", np.stack([mono, mono], axis=1), synth.RATE)
     return folder
+
+
+def confident(meta: dict, key: str, unknown, min_confidence: float = 0.3):
+    """What the ACE-Step files should say for a meta record's value: it, or unknown below the threshold."""
+    return meta[key] if meta[f"{key}_confidence"] >= min_confidence else unknown
 
 
 def records_by_file(out: Path) -> dict[tuple[str, str], dict]:
@@ -79,8 +84,11 @@ def test_a_dataset_ace_step_reads_back(tiny_model, tmp_path):
         assert entry["caption"] == caption["caption"].strip()
         assert entry["lyrics"] == lyrics["lyrics"]
         assert entry["language"] == lyrics["language"]
-        assert (entry["bpm"], entry["keyscale"]) == (meta["bpm"], meta["keyscale"])
-        assert entry["timesignature"] == str(meta["timesignature"])
+        assert entry["bpm"] == confident(meta, "bpm", None)
+        assert entry["keyscale"] == confident(meta, "keyscale", "")
+        beats = confident(meta, "timesignature", None)
+        assert entry["timesignature"] == ("" if beats is None else str(beats))
+        assert (meta["bpm_source"], meta["keyscale_source"], meta["timesignature_source"]) == ("signal",) * 3
         assert lyrics["raw_lyrics"] is not None and isinstance(lyrics["is_instrumental"], bool)
     # The signal analysis finds what the material was made with.
     assert (records[("waltz.wav", "meta")]["keyscale"], records[("rock.wav", "meta")]["keyscale"]) == (
@@ -145,3 +153,51 @@ def test_sidecars_can_go_under_another_folder(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in songs.iterdir()) == ["rock.wav", "waltz.wav"]  # the songs' folder untouched
     assert json.loads((mirror / "rock.json").read_text(encoding="utf-8"))["keyscale"] == "A minor"
+
+
+def test_every_song_json_has_the_trainer_keys_and_unsure_values_stay_unknown(tmp_path):
+    songs = write_songs(tmp_path / "songs")
+    out = tmp_path / "labels"
+    base = ["annotate", str(songs), "-o", str(out), "--tasks", "meta", "-f", "acestep", "-f", "csv", "--quiet"]
+    assert run_acecap(*base, "--meta-min-confidence", "1").returncode == 0
+    records = records_by_file(out)
+    for name in ("waltz", "rock"):
+        sidecar = json.loads((songs / f"{name}.json").read_text(encoding="utf-8"))
+        # No lyrics were transcribed: the language is "unknown", not missing (ACE-Step's convention).
+        assert {"bpm", "keyscale", "timesignature", "language"} <= set(sidecar) and sidecar["language"] == "unknown"
+        # Nothing the signal says is certain, so nothing is written as if it were; the record keeps it all.
+        assert (sidecar["bpm"], sidecar["keyscale"], sidecar["timesignature"]) == (None, "", "")
+        meta = records[(f"{name}.wav", "meta")]
+        assert meta["bpm"] and meta["keyscale"] and 0 < meta["keyscale_confidence"] < 1
+    rows = list(csv.DictReader((out / "dataset.csv").open(encoding="utf-8")))
+    assert {(row["BPM"], row["Key"]) for row in rows} == {("", "")}
+    # A lower threshold on a later run fills what is still unknown; values a person wrote would stay.
+    assert run_acecap(*base, "--meta-min-confidence", "0").returncode == 0
+    sidecar = json.loads((songs / "rock.json").read_text(encoding="utf-8"))
+    assert sidecar["keyscale"] == records[("rock.wav", "meta")]["keyscale"] and sidecar["bpm"] is not None
+
+
+def test_tags_come_first_and_records_say_where_values_came_from(tmp_path):
+    from mutagen.flac import FLAC
+
+    songs = write_songs(tmp_path / "songs")
+    tagged = songs / "tagged.flac"
+    soundfile.write(tagged, soundfile.read(songs / "rock.wav")[0], 44100)
+    audio = FLAC(tagged)
+    audio["BPM"], audio["INITIALKEY"] = "64", "4A"  # what a DJ tool wrote: half the tempo, Camelot F minor
+    audio.save()
+    out = tmp_path / "labels"
+    base = ["annotate", str(songs), "-o", str(out), "--tasks", "meta", "-f", "acestep", "--quiet"]
+    assert run_acecap(*base, "--meta-min-confidence", "1").returncode == 0
+    meta = records_by_file(out)[("tagged.flac", "meta")]
+    assert (meta["bpm"], meta["bpm_source"], meta["bpm_confidence"]) == (64, "tags", 1.0)
+    assert (meta["keyscale"], meta["keyscale_source"]) == ("F minor", "tags")
+    assert meta["timesignature_source"] == "signal" and meta["tags"] == {"BPM": "64", "INITIALKEY": "4A"}
+    sidecar = json.loads((songs / "tagged.json").read_text(encoding="utf-8"))
+    assert (sidecar["bpm"], sidecar["keyscale"]) == (64, "F minor")  # a tag is kept at any threshold
+    # --meta-source signal ignores the tags; it is a different estimator, so the files are analysed again.
+    assert run_acecap(*base, "--meta-source", "signal", "--overwrite").returncode == 0
+    meta = records_by_file(out)[("tagged.flac", "meta")]
+    assert meta["bpm_source"] == "signal" and abs(meta["bpm"] - 128) <= 2 and meta["model"].endswith("(signal)")
+    result = run_acecap(*base, "--meta-source", "tags,guess")
+    assert result.returncode != 0 and "--meta-source" in result.stderr

@@ -34,7 +34,9 @@ def write_tones(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 def records_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / ANNOTATIONS).read_text().splitlines()]
+    """The merged records, each path absolute (on disk they are under their root: see test_inputs)."""
+    assert not list(folder.glob("annotations.part-*"))
+    return load_records(folder)
 
 
 def texts(records: list[dict]) -> dict[str, str]:
@@ -193,12 +195,17 @@ def test_segment_mode_captions_each_window(tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     soundfile.write(tmp_path / "in" / "song.wav", np.random.default_rng(0).standard_normal(16000 * 5) * 0.1, 16000)
     summary = annotate(
-        job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment", segment_seconds=2), progress=False
+        job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment", segment_seconds=2, write_txt=True),
+        progress=False,
     )
     assert summary.ok
     (record,) = records_of(tmp_path / "out")
     assert [(s["start"], s["end"]) for s in record["segments"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.0)]
-    assert all(s["text"] for s in record["segments"]) and not record["truncated"]
+    assert all(s["text"] and s["finished"] is False for s in record["segments"]) and not record["truncated"]
+    # One description of the song, as ACE-Step takes it: the first window's; every window's is in segments.
+    assert record["caption"] == record["segments"][0]["text"] and record["finished"] is False
+    assert (tmp_path / "out" / "song.caption.txt").read_text() == record["caption"] + "\n"
+    assert record["tokens"] == sum(s["tokens"] for s in record["segments"])
 
 
 def test_truncate_flags_and_txt_files_mirror_the_input_tree(tiny_model, tmp_path):

@@ -107,3 +107,17 @@ def test_prefill_benchmark_runs_and_packed_equals_clip_by_clip(tmp_path):
             case["pass_tokens"] == case["clips"] * report["prefill"][report["attention"].index(case)]["prompt_tokens"]
         )
         assert case["ratio"] == pytest.approx(case["block_diagonal_s"] / case["per_prompt_s"])
+
+
+def test_startup_benchmark_runs_and_computes_its_figures(tmp_path):
+    bench = load_program("startup")
+    report = bench.main(["--repeats", "2", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "startup.json").read_text())
+    assert [run["command"] for run in report["runs"]] == list(bench.COMMANDS)
+    table = (tmp_path / "startup.md").read_text()
+    for run in report["runs"]:
+        assert len(run["times_s"]) == 2 and all(t > 0 for t in run["times_s"])
+        assert run["median_s"] == pytest.approx(sum(run["times_s"]) / 2)
+        assert run["max_s"] == max(run["times_s"])
+        assert run["within_budget"] == (run["max_s"] <= report["budget_s"])
+        assert f"| `{run['command']}` | {run['median_s']:.3f} | {run['max_s']:.3f} |" in table

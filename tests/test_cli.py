@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import run_acecap
@@ -101,3 +103,57 @@ def test_help_teaches():
 def test_annotate_refuses_a_pipeline_without_room_before_loading(tiny_model, tmp_path, flag):
     result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), flag, "0")
     assert f"{flag} must be at least 1" in one_error_line(result)
+
+
+def test_the_prefill_budget_default_is_the_decoders():
+    from acecap.cli import PREFILL_TOKENS
+    from acecap.decode import PREFILL_TOKENS as decoder_default
+
+    assert PREFILL_TOKENS == decoder_default
+
+
+def test_the_command_line_answers_without_loading_torch():
+    """--version, --help and usage errors must not wait for torch and transformers (seconds to import)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from acecap.cli import main\n"
+        "for argv in (['--version'], ['annotate', '--help'], ['annotate']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_api_loads_on_first_use():
+    probe = "import sys, acecap; assert 'torch' not in sys.modules; print(acecap.Decoding().max_new_tokens)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "512"
+
+
+def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
+    """No weight-loading bar under --quiet or in caption, and no config warnings about the unused talker."""
+    annotate = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), "--model",
+                          str(tiny_model), "--max-new-tokens", "3", "--quiet")  # fmt: skip
+    caption = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--max-new-tokens", "3")
+    for result in (annotate, caption):
+        assert result.returncode == 0, result.stderr
+        assert "Loading weights" not in result.stderr and "Model config" not in result.stderr
+    writer = subprocess.run([sys.executable, "-m", "acecap.tiny", str(tmp_path / "tiny")], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert writer.returncode == 0 and writer.stderr == "" and writer.stdout.strip() == str(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize(
+    ("shard", "says"),
+    [("4/4", "numbered from 0, so the last of 4 is 3/4"), ("1-4", "use i/N"), ("2/0", "use i/N")],
+)
+def test_a_shard_out_of_range_says_how_shards_count(tmp_path, shard, says):
+    result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--shard", shard)
+    assert says in one_error_line(result)
+    assert result.returncode == 2

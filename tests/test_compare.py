@@ -2,15 +2,19 @@
 from the tokens and logits it dumps."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
+import soundfile
+import torch
 from conftest import run_acecap
 from PIL import Image
 
 from acecap import Decoding
-from acecap.compare import Side, builtin_suite, compare, parse_side
+from acecap.compare import Side, builtin_suite, choose_sides, compare, parse_side
 from acecap.fidelity import semantic_similarities, word_similarity
+from acecap.records import ANNOTATIONS
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -113,3 +117,76 @@ def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
     assert "files captioned identically" in done.stderr
     mismatched = run_acecap("compare", str(reference), "-o", str(out))
     assert mismatched.returncode == 2 and "exactly two result files" in mismatched.stderr
+
+
+def test_two_annotate_runs_compare_by_text(tiny_model, tmp_path):
+    """The README's example: two annotate runs' annotations.jsonl, lyrics records too, two files of one name."""
+    from acecap.annotate import Job, annotate
+
+    songs = tmp_path / "songs"
+    for folder, seconds in (("a", 2.0), ("b", 3.0)):
+        (songs / folder).mkdir(parents=True)
+        t = np.arange(int(seconds * 16000)) / 16000
+        soundfile.write(songs / folder / "song.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    for name, dtype in (("laptop", "fp32"), ("server", "bf16")):
+        for task in ("caption", "lyrics"):
+            job = Job(inputs=[str(songs)], output_dir=tmp_path / name, model=str(tiny_model), task=task,
+                      devices=["cpu"], dtype=dtype, decoding=Decoding(max_new_tokens=6))  # fmt: skip
+            assert annotate(job, progress=False).ok
+    out = tmp_path / "report"
+    done = run_acecap("compare", str(tmp_path / "laptop" / ANNOTATIONS), str(tmp_path / "server" / ANNOTATIONS),
+                      "-o", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"report: {out / 'report.md'}" in done.stderr and "files captioned identically" in done.stderr
+    assert done.stdout == ""  # the report is a file, not a page of output
+    document = json.loads((out / "precision_results.json").read_text())
+    names = [clip["clip"] for clip in document["clips"]]
+    assert sorted(names) == [
+        "a/song.wav (caption)",
+        "a/song.wav (lyrics)",
+        "b/song.wav (caption)",
+        "b/song.wav (lyrics)",
+    ]
+    laptop = {(r["path"], r["task"]): r for r in map(json.loads, (tmp_path / "laptop" / ANNOTATIONS).open())}
+    assert {r["root"] for r in laptop.values()} == {"songs"}  # paths under the input folder, as stored
+    for clip in document["clips"]:
+        name, task = clip["clip"].split(" (")
+        record = laptop[(name, task.rstrip(")"))]
+        expected = record["caption"] if record["task"] == "caption" else record["raw_lyrics"]
+        assert clip["generation"]["reference_text"] == expected
+
+
+def test_default_sides_never_compare_a_side_with_itself():
+    assert choose_sides("cpu:fp32", "cpu:bf16") == (Side("cpu", "fp32"), Side("cpu", "bf16"))
+    if not torch.cuda.is_available():  # this host's best device is the CPU: bf16 there is what to measure
+        assert choose_sides() == (Side("cpu", "fp32"), Side("cpu", "bf16"))
+    with pytest.raises(ValueError, match="both sides are cpu:fp32"):
+        choose_sides("cpu:fp32", "cpu:fp32")
+    with pytest.raises(ValueError, match="both sides are cpu:bf16"):
+        choose_sides("cpu:bf16", "cpu:bf16")
+
+
+def test_plots_draw_any_file_name(tiny_model, tmp_path):
+    from acecap.audio import Clip
+    from acecap.plotting import _drawable_codepoints, label
+    from acecap.precision_report import write_report
+
+    assert label("song 1.wav") == "song 1.wav"
+    assert all(ord(ch) in _drawable_codepoints() or ch.isspace() for ch in label("曲 🎵 ümlaut.wav"))
+    clip = builtin_suite(long_seconds=20)[0]
+    named = Clip(clip.samples, "曲 🎵 ümlaut.wav")
+    results, runs = compare(tiny_model, Side("cpu", "fp32"), Side("cpu", "bf16"), [named], Decoding(max_new_tokens=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(results, Side("cpu", "fp32"), Side("cpu", "bf16"), runs, tmp_path)
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert "曲 🎵 ümlaut.wav" in (tmp_path / "report.md").read_text()  # the report keeps the name itself
+    for plot in ("layer_cosine.png", "kl_per_step.png"):
+        with Image.open(tmp_path / plot) as image:
+            assert image.size[0] > 500
+
+
+def test_a_quantized_side_keeps_its_quantization():
+    assert choose_sides("cpu:fp32", "cpu:bf16:int8") == (Side("cpu", "fp32"), Side("cpu", "bf16", "int8"))
+    assert choose_sides("cpu:fp32", "cpu:auto:int8")[1] == Side("cpu", "bf16", "int8")  # auto: bf16 when quantized
+    assert choose_sides("cpu:bf16", "cpu:bf16:int8")[1].quant == "int8"  # not the reference itself

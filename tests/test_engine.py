@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -128,6 +129,21 @@ def test_a_clip_that_cannot_be_captioned_fails_alone(ending, rows):
     for clip in clips:
         if clip.source != "empty":
             assert results[clip.source].text == ending.caption_clips([clip], decoding)[0].text
+
+
+def test_a_stopped_stream_finishes_the_clips_on_the_device_and_starts_no_more(captioner):
+    """What Ctrl-C in annotate does: the first wave's two clips end whole; the four waiting never start."""
+    clips = noise_clips([1.0, 2.0, 1.5, 3.0, 2.5, 1.2])
+    decoding = Decoding(max_new_tokens=6)
+    stopped = threading.Event()
+    items = ((c.source, c) for c in clips)
+    outcomes = captioner.caption_stream(items, decoding, rows=2, on_token=lambda *_: stopped.set(), stop=stopped.is_set)
+    results = dict(outcomes)
+    assert len(results) == 2
+    for clip in clips:
+        if clip.source in results:
+            alone = captioner.caption_clips([clip], decoding)[0]
+            assert (results[clip.source].text, results[clip.source].tokens) == (alone.text, alone.tokens)
 
 
 def test_the_streams_iterator_failing_is_the_callers_error(captioner):

@@ -1,6 +1,9 @@
+import http.server
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -40,19 +43,54 @@ def test_offline_without_cache_gives_advice(tmp_path):
     assert "--model /path/to/folder" in result.stderr
 
 
-def test_unreachable_hubs_are_both_reported(tmp_path):
-    # Port 9 on localhost refuses connections: a real network failure, quickly.
-    env = {
-        **_isolated(tmp_path),
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-        "MODELSCOPE_DOMAIN": "127.0.0.1:9",
-        "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9",
-        "API_HTTP_CLIENT_MAX_RETRIES": "0",
-    }
+UNREACHABLE = {  # port 9 on localhost refuses connections: a real network failure, at once
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+    "MODELSCOPE_DOMAIN": "127.0.0.1:9",
+    "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9",
+}
+
+
+def test_unreachable_hubs_fail_at_once_in_one_short_line(tmp_path):
+    started = time.monotonic()
+    result = _resolve("ACE-Step/acestep-captioner", "auto", {**_isolated(tmp_path), **UNREACHABLE})
+    assert result.returncode != 0
+    assert time.monotonic() - started < 30  # the hub clients' own retries took 25-45 s
+    message = result.stderr.strip().splitlines()[-1]
+    assert "acestep-captioner is not on this machine, and neither 127.0.0.1:9 nor 127.0.0.1:9 can be reached" in message
+    assert "--model /path/to/folder" in message and "acecap.tiny" in message and "acecap doctor" in message
+    assert "retry" not in result.stderr.lower()
+
+
+@pytest.fixture
+def hub_answering_404():
+    """A real HTTP server that knows no repository, in place of huggingface.co."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_reachable_hub_that_fails_is_reported_in_a_sentence(tmp_path, hub_answering_404):
+    env = {**_isolated(tmp_path), **UNREACHABLE, "HF_ENDPOINT": hub_answering_404}
     result = _resolve("ACE-Step/acestep-captioner", "auto", env)
     assert result.returncode != 0
-    assert "could not download ACE-Step/acestep-captioner (modelscope: " in result.stderr
-    assert "; huggingface: " in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "could not download ACE-Step/acestep-captioner (huggingface: " in message
+    assert "modelscope" not in message.split("; pass")[0]  # unreachable, so not tried
+    assert len(message) < 600
 
 
 def test_hugging_face_cache_is_found_offline(tmp_path, tiny_model):

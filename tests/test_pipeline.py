@@ -2,6 +2,7 @@
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import RATE, tone
+from conftest import RATE, pcm_wav, tone
 
 from acecap.audio import load_audio
 from acecap.inputs import Item
@@ -31,6 +32,18 @@ def songs(folder: Path, count: int, seconds: float = 4.0) -> list[Path]:
         soundfile.write(path, stereo, RATE)
         paths.append(path)
     return paths
+
+
+def endless(path: Path) -> Path:
+    """A WAV of six hours of silence, sparse on disk: a decode that outlasts any test's patience (a FIFO,
+    which would block for ever, is refused before it is opened)."""
+    data = 6 * 3600 * RATE * 4  # 16-bit stereo
+    header = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt "
+    header += struct.pack("<IHHIIHH", 16, 1, 2, RATE, RATE * 4, 4, 16) + b"data" + struct.pack("<I", data)
+    with path.open("wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + data)
+    return path
 
 
 def alive(pid: int) -> bool:
@@ -60,6 +73,23 @@ def test_clips_come_back_as_load_audio_makes_them_and_bad_files_as_errors(tmp_pa
     assert "empty file" in out["empty.wav"].error
 
 
+@pytest.mark.parametrize("allow_partial", [False, True])
+def test_how_much_to_decode_and_partial_files_are_as_load_audio_decides(tmp_path, allow_partial):
+    long = songs(tmp_path, 1, seconds=6.0)[0]
+    short = pcm_wav(tmp_path / "short.wav", tone(1.0), RATE, declared_frames=3 * RATE)  # 3 s promised, 1 s held
+    unlisted = Item(tmp_path / "locked", Path("locked"), error="cannot list it: Permission denied")
+    with Pipeline(1, {"max_seconds": 2.0, "allow_partial": allow_partial}) as pipeline:
+        out = {d.item.path.name: d for d in pipeline.decode([*items([long, short]), unlisted], ahead=4)}
+    assert out["locked"].clip is None and out["locked"].error == unlisted.error  # discovery's reason, not decoded
+    expected = load_audio(long, max_seconds=2.0)
+    np.testing.assert_array_equal(out[long.name].clip.samples, expected.samples)
+    assert out[long.name].clip.duration == expected.duration == pytest.approx(6.0)  # the whole file's length
+    if allow_partial:
+        assert out["short.wav"].clip.partial == load_audio(short, allow_partial=True).partial is not None
+    else:
+        assert out["short.wav"].clip is None and "--allow-partial" in out["short.wav"].error
+
+
 def test_files_are_read_only_as_far_as_the_consumer_takes(tmp_path):
     paths = songs(tmp_path, 2) * 20
     taken = []
@@ -79,8 +109,7 @@ def test_files_are_read_only_as_far_as_the_consumer_takes(tmp_path):
 
 def test_a_stuck_file_is_given_up_after_two_tries_and_costs_no_other_file(tmp_path):
     good = songs(tmp_path, 3)
-    stuck = tmp_path / "stuck.wav"
-    os.mkfifo(stuck)  # opening it for reading blocks until a writer comes: a decode that never ends
+    stuck = endless(tmp_path / "stuck.wav")
     with Pipeline(1, timeout_s=1.5) as pipeline:
         out = {d.item.path.name: d for d in pipeline.decode(items([good[0], stuck, *good[1:]]), ahead=4)}
     assert out["stuck.wav"].clip is None
@@ -90,21 +119,20 @@ def test_a_stuck_file_is_given_up_after_two_tries_and_costs_no_other_file(tmp_pa
 
 def test_a_killed_worker_costs_only_its_file(tmp_path):
     good = songs(tmp_path, 4)
-    stuck = tmp_path / "stuck.wav"
-    os.mkfifo(stuck)
+    stuck = endless(tmp_path / "stuck.wav")
     with Pipeline(2, timeout_s=60) as pipeline:  # the timeout only ends the test if no kill comes
         decoded = pipeline.decode(items([stuck, *good]), ahead=8)
         kills = []
 
-        def kill_whoever_holds_the_fifo():  # twice: the file's first try and its retry
+        def kill_whoever_holds_the_file():  # twice: the file's first try and its retry
             while len(kills) < 2:
                 for pid in pipeline.pids:
-                    if pid not in kills and alive(pid) and _blocked_on_fifo(pid):
+                    if pid not in kills and alive(pid) and _holds(pid, stuck):
                         os.kill(pid, signal.SIGKILL)
                         kills.append(pid)
                 time.sleep(0.05)
 
-        killer = threading.Thread(target=kill_whoever_holds_the_fifo, daemon=True)
+        killer = threading.Thread(target=kill_whoever_holds_the_file, daemon=True)
         killer.start()
         out = {d.item.path.name: d for d in decoded}
         killer.join(timeout=10)
@@ -113,10 +141,10 @@ def test_a_killed_worker_costs_only_its_file(tmp_path):
     assert all(out[path.name].clip is not None for path in good)
 
 
-def _blocked_on_fifo(pid: int) -> bool:
-    """Waiting in the kernel for a FIFO's writer (the wait of a FIFO's open)."""
+def _holds(pid: int, path: Path) -> bool:
+    """The process has the file open (it is decoding it)."""
     try:
-        return Path(f"/proc/{pid}/wchan").read_text() in ("wait_for_partner", "fifo_open")
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
 
@@ -136,14 +164,12 @@ time.sleep(600)
 
 
 def test_workers_die_with_their_parent_even_when_stuck(tmp_path):
-    fifos = [tmp_path / "a.wav", tmp_path / "b.wav"]
-    for fifo in fifos:
-        os.mkfifo(fifo)
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT), *map(str, fifos)],
+    long = [endless(tmp_path / "a.wav"), endless(tmp_path / "b.wav")]
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT), *map(str, long)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     pids = [int(pid) for pid in parent.stdout.readline().split()]
     assert len(pids) == 2 and all(alive(pid) for pid in pids)
-    time.sleep(0.5)  # both are in the FIFO's open now
+    time.sleep(0.5)  # both are decoding now, not reading their sockets
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10

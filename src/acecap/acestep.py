@@ -2,31 +2,40 @@
 
 - `acestep`: beside each song (or mirrored under a folder), `song.caption.txt`, `song.lyrics.txt` and
   `song.json` (caption, bpm, keyscale, timesignature, language, duration, is_instrumental), the files its
-  dataset scanner reads.
+  dataset scanner reads. Every song.json carries the keys the trainer reads: `bpm` null, `keyscale` and
+  `timesignature` empty and `language` "unknown" when not known (the ACE-Step UI's own conventions).
 - `csv`: one `File, BPM, Key, Caption` table, which the scanner ranks above both.
 - `acestep-dataset`: the dataset JSON the ACE-Step UI saves (`metadata` and `samples[]`).
 
-A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. Every file is
+Files that would share an output (`song.wav` and `song.ogg` → `song.json`; two `intro.wav` rows in the csv)
+are refused before any work (check_collisions): the scanner could not tell them apart either.
+
+A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A tempo, key or
+time signature whose confidence is below `min_confidence` is written as unknown, not guessed. Every file is
 written whole or not at all.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .lyrics import INSTRUMENTAL
-from .writers import atomic_write
+from .writers import atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
 FORMATS = ("acestep", "csv", "acestep-dataset")
 JSON_KEYS = ("caption", "bpm", "keyscale", "timesignature", "language", "duration", "is_instrumental", "genre")
+UNKNOWN = {"bpm": None, "keyscale": "", "timesignature": "", "language": "unknown"}  # written when not known
 
 
 @dataclass
@@ -47,18 +56,30 @@ class Song:
     genre: str | None = None
 
     def fields(self) -> dict:
-        """The song.json keys that have a value."""
+        """The song.json keys that have a value, and the trainer's keys with their unknown value where not."""
         values = {key: getattr(self, key) for key in JSON_KEYS}
-        return {key: value for key, value in values.items() if value is not None}
+        return {key: value if value is not None else UNKNOWN[key] for key, value in values.items()
+                if value is not None or key in UNKNOWN}  # fmt: skip
 
 
-def songs_from_records(records: list[dict], relative: dict[str, Path]) -> list[Song]:
-    """One Song per audio file with at least one successful record, fields from each task's record."""
+def _confident(record: dict, key: str, min_confidence: float):
+    """The record's value, or None when its confidence is below `min_confidence` (tags have confidence 1)."""
+    confidence = record.get(f"{key}_confidence")
+    return record.get(key) if confidence is None or confidence >= min_confidence else None
+
+
+def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: dict[str, dict] | None = None,
+                       min_confidence: float = 0.0) -> list[Song]:  # fmt: skip
+    """One Song per audio file with at least one successful record, fields from each task's record (meta values
+    below `min_confidence` left unknown), then from its latest review (`reviews`: record path → the fields a
+    person saved), which wins."""
     songs: dict[str, Song] = {}
     for record in records:
         if record.get("error") or record["path"] not in relative:
             continue
-        song = songs.setdefault(record["path"], Song(Path(record["path"]), relative[record["path"]]))
+        song = songs.get(record["path"])
+        if song is None:  # one Song (and Path) per file, not one per record
+            song = songs[record["path"]] = Song(Path(record["path"]), relative[record["path"]])
         song.duration = record.get("duration") or song.duration
         if record["task"] == "caption":
             song.caption = record["caption"]
@@ -66,9 +87,13 @@ def songs_from_records(records: list[dict], relative: dict[str, Path]) -> list[S
             song.lyrics, song.raw_lyrics = record["lyrics"], record.get("raw_lyrics")
             song.language, song.is_instrumental = record.get("language"), record.get("is_instrumental")
         elif record["task"] == "meta":
-            song.bpm, song.keyscale = record.get("bpm"), record.get("keyscale")
-            beats = record.get("timesignature")
+            song.bpm, song.keyscale = (_confident(record, key, min_confidence) for key in ("bpm", "keyscale"))
+            beats = _confident(record, "timesignature", min_confidence)
             song.timesignature = str(beats) if beats is not None else None
+    for path, fields in (reviews or {}).items():
+        if path in songs:
+            for key, value in fields.items():
+                setattr(songs[path], key, value)
     return list(songs.values())
 
 
@@ -99,52 +124,60 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
             return written
     merged = dict(existing)
     for key, value in song.fields().items():
-        if overwrite or existing.get(key) in (None, ""):
+        empty = existing.get(key) in (None, "", UNKNOWN.get(key))
+        unknown = value is None or value == UNKNOWN.get(key)
+        if empty or (overwrite and not unknown):  # an unknown never replaces a value, even with --overwrite
             merged[key] = value
     if merged != existing or not path.is_file():
-        atomic_write(path, json.dumps(merged, ensure_ascii=False, indent=2) + "\n")
+        atomic_write(path, to_json(merged, indent=2) + "\n")
         written.append(path)
     return written
 
 
+CSV_HEADER = ["File", "BPM", "Key", "Caption"]
+
+
+def csv_row(song: Song) -> list:
+    """The song's row of the table (File: the audio's name, as the scanner matches it)."""
+    return [song.audio.name, "" if song.bpm is None else song.bpm, song.keyscale or "", song.caption or ""]
+
+
 def write_csv(songs: list[Song], path: Path) -> Path:
-    """The `File, BPM, Key, Caption` table (File: the audio's name, as the scanner matches it)."""
+    """The `File, BPM, Key, Caption` table."""
     buffer = io.StringIO()
     table = csv.writer(buffer, lineterminator="\n")
-    table.writerow(["File", "BPM", "Key", "Caption"])
-    for song in songs:
-        bpm = "" if song.bpm is None else song.bpm
-        table.writerow([song.audio.name, bpm, song.keyscale or "", song.caption or ""])
+    table.writerows([CSV_HEADER, *map(csv_row, songs)])
     atomic_write(path, buffer.getvalue())
     return path
 
 
+def dataset_sample(song: Song, index: int) -> dict:
+    """The song's entry in the dataset JSON's `samples`."""
+    lyrics = song.lyrics if song.lyrics is not None else ""
+    return {
+        "id": f"{index:06d}",
+        "audio_path": str(song.audio),
+        "filename": song.audio.name,
+        "caption": song.caption or "",
+        "genre": song.genre or "",
+        "lyrics": lyrics,
+        "raw_lyrics": song.raw_lyrics or "",
+        "formatted_lyrics": lyrics,
+        "bpm": song.bpm,
+        "keyscale": song.keyscale or "",
+        "timesignature": song.timesignature or "",
+        "duration": song.duration,
+        "language": song.language or "unknown",
+        "is_instrumental": bool(song.is_instrumental) or lyrics == INSTRUMENTAL,
+        "custom_tag": "",
+        "labeled": song.caption is not None,
+        "prompt_override": None,
+    }
+
+
 def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
     """The ACE-Step UI's dataset JSON: `metadata` and one entry in `samples` per song."""
-    samples = []
-    for index, song in enumerate(songs):
-        lyrics = song.lyrics if song.lyrics is not None else ""
-        samples.append(
-            {
-                "id": f"{index:06d}",
-                "audio_path": str(song.audio),
-                "filename": song.audio.name,
-                "caption": song.caption or "",
-                "genre": song.genre or "",
-                "lyrics": lyrics,
-                "raw_lyrics": song.raw_lyrics or "",
-                "formatted_lyrics": lyrics,
-                "bpm": song.bpm,
-                "keyscale": song.keyscale or "",
-                "timesignature": song.timesignature or "",
-                "duration": song.duration,
-                "language": song.language or "unknown",
-                "is_instrumental": bool(song.is_instrumental) or lyrics == INSTRUMENTAL,
-                "custom_tag": "",
-                "labeled": song.caption is not None,
-                "prompt_override": None,
-            }
-        )
+    samples = [dataset_sample(song, index) for index, song in enumerate(songs)]
     metadata = {
         "name": name,
         "custom_tag": "",
@@ -154,20 +187,73 @@ def write_dataset(songs: list[Song], path: Path, name: str) -> Path:
         "all_instrumental": bool(samples) and all(s["is_instrumental"] for s in samples),
         "genre_ratio": 0,
     }
-    atomic_write(path, json.dumps({"metadata": metadata, "samples": samples}, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, to_json({"metadata": metadata, "samples": samples}, indent=2) + "\n")
     return path
 
 
-def export(records: list[dict], relative: dict[str, Path], formats: list[str], output_dir: Path,
-           sidecar_dir: Path | None = None, overwrite: bool = False) -> list[Path]:  # fmt: skip
-    """Write the ACE-Step `formats` for every song with a successful record; the paths written."""
-    songs = songs_from_records(records, relative)
-    written: list[Path] = []
+_CLASHES = {
+    "txt": "-f txt names each file's text after its path without the extension, so these would write one file",
+    "acestep": "ACE-Step's scanner finds a song's .caption.txt, .lyrics.txt and .json by its name without the "
+    "extension, so these would share them",
+    "csv": "ACE-Step's scanner looks a dataset.csv row up by the bare file name (in every subfolder), so these "
+    "cannot each have a row",
+}
+SHOWN_CLASHES = 5  # groups named in the message; the rest counted
+
+
+def check_collisions(files: list[tuple[Path, Path]], formats: list[str], sidecar_dir: Path | None = None) -> None:
+    """Raise ValueError, naming them, when two of `files` ((audio, path under its root) pairs) would write the
+    same output in one of `formats` (txt: annotate's OUT/<path>.<task>.txt; acestep; csv)."""
+    problems = []
+    for fmt in (f for f in _CLASHES if f in formats):
+        groups: dict[str, list[Path]] = {}
+        for audio, relative in files:
+            if fmt == "txt":
+                key = relative.with_suffix("").as_posix()
+            elif fmt == "acestep":
+                base = audio.with_suffix("") if sidecar_dir is None else sidecar_dir / relative.with_suffix("")
+                key = os.path.abspath(base)
+            else:
+                key = audio.name
+            groups.setdefault(key, []).append(audio)
+        clashes = [paths for paths in groups.values() if len(paths) > 1]
+        if clashes:
+            shown = "; ".join(" and ".join(map(str, paths)) for paths in clashes[:SHOWN_CLASHES])
+            more = f"; and {len(clashes) - SHOWN_CLASHES} more" if len(clashes) > SHOWN_CLASHES else ""
+            problems.append(f"-f {fmt}: {_CLASHES[fmt]}: {shown}{more}")
+    if problems:
+        raise ValueError(". ".join(problems) + ". Rename or move one file of each, annotate them into separate "
+                         "output folders, or leave out that -f")  # fmt: skip
+
+
+def export(
+    records: list[dict],
+    relative: dict[str, Path],
+    formats: list[str],
+    output_dir: Path,
+    sidecar_dir: Path | None = None,
+    overwrite: bool = False,
+    reviews: dict[str, dict] | None = None,
+    min_confidence: float = 0.0,
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write the ACE-Step `formats` for every song with a successful record (see songs_from_records: reviews
+    win, meta values below `min_confidence` are left unknown): the paths written, and (path, reason) for each
+    song or file that could not be (a read-only folder, a name too long), the rest going on."""
+    songs = songs_from_records(records, relative, reviews, min_confidence)
+    check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
+    jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
-        for song in songs:
-            written += write_sidecars(song, sidecar_dir, overwrite)
+        jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite)) for song in songs]
     if "csv" in formats:
-        written.append(write_csv(songs, output_dir / "dataset.csv"))
+        jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:
-        written.append(write_dataset(songs, output_dir / "dataset.json", output_dir.resolve().name))
-    return written
+        path, name = output_dir / "dataset.json", output_dir.resolve().name
+        jobs.append((str(path), lambda: [write_dataset(songs, path, name)]))
+    written: list[Path] = []
+    failed: list[tuple[str, str]] = []
+    for target, write in jobs:
+        try:
+            written += write()
+        except OSError as error:
+            failed.append((target, error.strerror or str(error)))
+    return written, failed

@@ -78,28 +78,42 @@ def caption_splitting(
     prompts: list[str] | None = None,
     on_token: Callable[[Clip, int], None] | None = None,
 ) -> list[Result | str]:
-    """Caption a batch: a Result per clip, or the reason it failed. Out of memory halves the batch and retries.
+    """Caption a batch: a Result per clip, or the reason it failed. Out of memory halves the batch and retries;
+    any other failure retries each clip alone, so only the clip at fault fails.
 
     `on_token(clip, token)` is called for each clip's new token after every decoding step (streaming).
     """
+    streamed = False  # tokens already went out: a retry must not stream them again
     on_step = None
     if on_token is not None:
 
         def on_step(tokens: list[int]) -> None:
+            nonlocal streamed
+            streamed = True
             for clip, token in zip(clips, tokens, strict=True):
                 on_token(clip, token)
 
     try:
         return captioner.caption_clips(clips, decoding, max_duration=max_duration, prompts=prompts, on_step=on_step)
     except Exception as error:
-        if not devices.is_out_of_memory(error):
-            # Not the input's fault, but only this batch's clips fail: the device goes on with the rest.
+        out_of_memory = devices.is_out_of_memory(error)
+        reason = f"{type(error).__name__}: {error}"
+        if not out_of_memory:
             log.exception("a batch of %d failed on %s", len(clips), captioner.device)
-            return [f"{type(error).__name__}: {error}"] * len(clips)
     # Retry outside the except block: the exception's traceback holds the failed batch's tensors.
-    devices.empty_cache(captioner.device)
+    if out_of_memory:
+        devices.empty_cache(captioner.device)
     if len(clips) == 1:
-        return [f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"]
+        alone = f"device out of memory even for this clip alone ({clips[0].duration:.0f} s)"
+        return [alone if out_of_memory else reason]
+    if streamed:  # each retry's answer completes its stream from what was already sent
+        on_token = None
+    if not out_of_memory:
+        log.warning("captioning the %d clips of the failed batch one by one", len(clips))
+        return [
+            caption_splitting(captioner, [clip], decoding, max_duration, [prompts[i]] if prompts else None, on_token)[0]
+            for i, clip in enumerate(clips)
+        ]
     log.warning("out of memory on a batch of %d; retrying in halves", len(clips))
     half = len(clips) // 2
     first, second = (prompts[:half], prompts[half:]) if prompts else (None, None)

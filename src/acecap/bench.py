@@ -24,6 +24,7 @@ from .captioner import AUDIO_TOKENS_PER_SECOND, Captioner
 from .decode import PREFILL_TOKENS, cache_bytes_per_token, choose_decoder
 from .features import audio_tokens, feature_frames
 from .generate import Decoding
+from .quant import quantize_layer, tensor_bytes
 
 # Memory bandwidth (bytes/s) of the cards whose peak we know, matched on the device name.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "910B": 1.6e12}
@@ -117,14 +118,14 @@ def prefill_flops(thinker, prompt_tokens: int, samples: int) -> dict[str, float]
 
 
 def step_bytes(thinker, rows: int, context: int) -> int:
-    """Bytes one decode step must read: the language model's weights (the embedding table is only indexed)
-    and each row's KV cache over `context` tokens."""
+    """Bytes one decode step must read: the language model's weights as stored (quantized or not; the embedding
+    table is only indexed) and each row's KV cache over `context` tokens."""
     from .compat import text_model
 
     text = text_model(thinker)
-    weights = sum(p.numel() for p in text.parameters()) - text.embed_tokens.weight.numel()
-    weights += thinker.lm_head.weight.numel()
-    return weights * thinker.lm_head.weight.element_size() + rows * context * cache_bytes_per_token(thinker)
+    weights = sum(tensor_bytes(p) for p in text.parameters()) - tensor_bytes(text.embed_tokens.weight)
+    weights += tensor_bytes(thinker.lm_head.weight)
+    return weights + rows * context * cache_bytes_per_token(thinker)
 
 
 def tone_clip(seconds: float, seed: int = 0) -> Clip:
@@ -150,17 +151,24 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def random_captioner(shape: str, device: str, dtype: str, prefill_tokens: int = PREFILL_TOKENS) -> Captioner:
+def random_captioner(
+    shape: str, device: str, dtype: str, quant: str = "none", prefill_tokens: int = PREFILL_TOKENS
+) -> Captioner:
     """A Captioner over random weights of `shape`, built on the device; tokenizer and processor are real."""
+    from . import quant as quantization
     from .model import load_processor
     from .tiny import random_thinker, write_tiny
 
     torch_device = devices.resolve_device(device)
-    torch_dtype = devices.resolve_dtype(dtype, torch_device)
+    torch_dtype = devices.resolve_dtype("bf16" if quant != "none" and dtype == "auto" else dtype, torch_device)
+    quantization.check(quant, torch_device, torch_dtype)
     with tempfile.TemporaryDirectory(prefix="acecap-bench-") as folder:
         processor = load_processor(write_tiny(folder))  # the tiny folder's tokenizer and processor are real
     start = time.perf_counter()
-    thinker = random_thinker(shape, torch_device, torch_dtype)
+    if quant == "none":
+        thinker = random_thinker(shape, torch_device, torch_dtype)
+    else:
+        thinker = random_quantized_thinker(shape, torch_device, quant)
     load_s = devices.now(torch_device) - start
     return Captioner(
         thinker,
@@ -169,8 +177,54 @@ def random_captioner(shape: str, device: str, dtype: str, prefill_tokens: int = 
         prompt="*Task* Describe this audio in detail",
         model_name=f"random {shape}",
         load_s=load_s,
+        quant=quant,
         prefill_tokens=prefill_tokens,
     )
+
+
+def random_quantized_thinker(shape: str, device: torch.device, quant: str, seed: int = 0):
+    """An AudioThinker of `shape` with random bf16 weights, quantized as `quant`, built one decoder layer at a time
+    on `device`, so that neither the device nor the host ever holds the 16-bit model."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    from .compat import text_model
+    from .model import AudioThinker
+    from .tiny import full_config
+
+    config = Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"])
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # buffers as random_thinker makes them
+    try:
+        with init_empty_weights():  # parameters on the meta device; buffers real
+            thinker = AudioThinker(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    generator = torch.Generator(device).manual_seed(seed)
+    for layer in text_model(thinker).layers:
+        _fill(layer, device, config.initializer_range, generator)
+        quantize_layer(layer, quant)
+        devices.release_host_memory()
+    _fill(thinker, device, config.initializer_range, generator)  # the rest: audio encoder, embeddings, head
+    return thinker.to(device)
+
+
+def _fill(root: torch.nn.Module, device: torch.device, std: float, generator: torch.Generator) -> None:
+    """Give every parameter still on the meta device random bf16 values on `device`, as the model's own
+    initialisation does: weights normal(0, std), norm scales one, biases zero."""
+    for module in root.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            value = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+            if name == "bias":
+                value.zero_()
+            elif value.ndim == 1:
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, std, generator=generator)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
 
 
 def measure(captioner: Captioner, batch: int, seconds: float, tokens: int, repeats: int) -> Point:
@@ -213,11 +267,19 @@ def row(run: dict) -> str:
     )
 
 
+def quant_words(setup: dict) -> str:
+    """How the weights were held, for the report: e.g. "int4 weights, 5.3 GiB"."""
+    quant = setup.get("quant", "none")
+    held = f"{quant} weights" if quant != "none" else f"{setup['dtype']} weights"
+    return f"{held}, {setup['weight_bytes'] / 2**30:.1f} GiB" if "weight_bytes" in setup else held
+
+
 def markdown(report: dict) -> str:
     setup = report["setup"]
     lines = [
         f"Device: {setup['device_name']} ({setup['device']}, {setup['dtype']}); model: {setup['model']} "
-        f"({setup['parameters'] / 1e9:.2f} B thinker parameters, loaded in {setup['load_s']:.1f} s); "
+        f"({setup['parameters'] / 1e9:.2f} B thinker parameters, {quant_words(setup)}, loaded in "
+        f"{setup['load_s']:.1f} s); "
         f"torch {setup['torch']}, transformers {setup['transformers']}.",
         f"Each clip: {setup['seconds']:g} s of audio, {setup['tokens']} tokens decoded (end token ignored); "
         f"{setup['repeats']} timed calls per point after a warm-up.",
@@ -277,6 +339,7 @@ def bench(
     shape: str | None = "tiny",
     device: str = "auto",
     dtype: str = "auto",
+    quant: str = "none",
     decoders: list[str] | None = None,
     batch_sizes: list[int] | None = None,
     seconds: float = 30.0,
@@ -294,16 +357,20 @@ def bench(
     chosen = [choose_decoder(d, devices.resolve_device(device)) for d in decoders or ["auto"]]  # before loading
     batch_sizes = batch_sizes or [1, 8]
     if model:
-        captioner = Captioner.from_pretrained(model, device=device, dtype=dtype, prefill_tokens=prefill_tokens)
+        captioner = Captioner.from_pretrained(
+            model, device=device, dtype=dtype, quant=quant, prefill_tokens=prefill_tokens
+        )
     else:
-        captioner = random_captioner(shape, device, dtype, prefill_tokens)
+        captioner = random_captioner(shape, device, dtype, quant, prefill_tokens)
     name = devices.device_name(captioner.device)
     setup = {
         "model": model or f"random weights, {shape} shape",
         "device": str(captioner.device),
         "device_name": name,
         "dtype": devices.dtype_name(captioner.dtype),
+        "quant": captioner.quant,
         "parameters": sum(p.numel() for p in captioner.thinker.parameters()),
+        "weight_bytes": sum(tensor_bytes(p) for p in captioner.thinker.parameters()),  # as held, quantized or not
         "load_s": captioner.load_s,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

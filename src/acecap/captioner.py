@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import compat, devices
+from . import quant as quantization
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
 from .decode import PREFILL_TOKENS, cache_bytes_per_token, choose_decoder
 from .encoder import encode_audio
@@ -20,7 +21,7 @@ from .engine import Finished, PaddedWave, Pending, StaticWave, run_wave, stream
 from .features import FEATURE_MARGIN, LogMel, audio_tokens, feature_frames
 from .generate import Decoding
 from .hub import resolve_model, revision_of
-from .model import TASKS, load_processor, load_thinker, render_prompt, resident_parameters
+from .model import TASKS, load_processor, load_thinker, render_prompt, resident_bytes
 
 log = logging.getLogger("acecap")
 
@@ -49,6 +50,7 @@ class Result:
     finished: bool  # False when max_new_tokens cut the text
     duration: float  # seconds of audio in the input
     truncated: bool  # True when only the first `max_duration` seconds were captioned
+    partial: str | None  # how the file falls short of its header (decoded with allow_partial), else None
     captioned_seconds: float
     task: str
     prompt: str
@@ -56,6 +58,7 @@ class Result:
     device: str
     dtype: str
     timings: Timings
+    quant: str = "none"  # the language model's linear layers: none, int8, int4 or fp8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,8 +83,10 @@ class Captioner:
         revision: str | None = None,
         decoder: str = "auto",
         prefill_tokens: int = PREFILL_TOKENS,
+        quant: str = "none",
     ):
         self.thinker = thinker
+        self.quant = quant
         self.processor = processor
         self.task = task
         self.prompt = prompt
@@ -116,6 +121,7 @@ class Captioner:
         prompt: str | None = None,
         decoder: str = "auto",
         prefill_tokens: int = PREFILL_TOKENS,
+        quant: str = "none",
     ) -> Captioner:
         """Load a checkpoint (folder or hub id; default: the task's ACE-Step model) onto a device.
 
@@ -124,16 +130,26 @@ class Captioner:
         "graphs" (the static step replayed as a CUDA graph), "transformers" (the library's generate(): the
         slower reference), or "auto" (graphs on CUDA, else static). `prefill_tokens`: the most prompt tokens
         one prefill pass takes (several clips packed; a longer prompt in several passes).
+        `quant`: "int8", "int4" or "fp8" quantizes the language model's linear layers as they load (dtype auto
+        is then bf16); a folder written by `acecap quantize` is already quantized.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use {' or '.join(TASKS)}")
         torch_device = devices.resolve_device(device)
-        torch_dtype = devices.resolve_dtype(dtype, torch_device)
+        quantized_dtype = devices.resolve_dtype("bf16" if dtype == "auto" else dtype, torch_device)
+        quantization.check(quant, torch_device, quantized_dtype)  # before any download
         name = str(model or TASKS[task].model_id)
         folder = resolve_model(name, hub)
-        devices.check_fits(resident_parameters(folder) * torch_dtype.itemsize, torch_device, torch_dtype)
+        saved = quantization.prequantized(folder)
+        quantized = quant != "none" or saved is not None
+        torch_dtype = quantized_dtype if quantized else devices.resolve_dtype(dtype, torch_device)
+        if saved:
+            quantization.check_prequantized(saved, folder, quant, torch_device, torch_dtype)
+            quant = saved["quant"]
+        weights = resident_bytes(folder, quant, torch_dtype, torch_device.type)
+        devices.check_fits(weights, torch_device, torch_dtype, quant=quant)
         start = time.perf_counter()
-        thinker = load_thinker(folder, torch_device, torch_dtype)
+        thinker = load_thinker(folder, torch_device, torch_dtype, quant)
         processor = load_processor(folder)
         load_s = devices.now(torch_device) - start
         prompt = prompt or TASKS[task].prompt
@@ -148,6 +164,7 @@ class Captioner:
             revision=revision,
             decoder=decoder,
             prefill_tokens=prefill_tokens,
+            quant=quant,
         )
 
     def max_duration_limit(self, decoding: Decoding) -> float:
@@ -172,7 +189,7 @@ class Captioner:
                 raise ValueError("an array needs its sample_rate")
             clip = to_clip(audio, sample_rate)
         else:
-            clip = load_audio(audio)
+            clip = load_audio(audio, max_seconds=max_duration)
         audio_s = time.perf_counter() - start
         return self.caption_clips([clip], decoding, max_duration=max_duration, audio_s=[audio_s])[0]
 
@@ -223,13 +240,15 @@ class Captioner:
         cache_bytes: int | None = None,
         prompt: str | None = None,
         on_token: Callable[[Key, int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[Key, Result | str]]:
         """Caption a stream of (key, clip) pairs: each key with its Result, or the reason it failed, as each
         clip ends (continuous batching: a row whose clip ended takes the next clip that fits).
 
         At most `rows` clips decode together, within `cache_bytes` of KV cache. Out of memory halves the rows
         and retries; a failure of another kind is retried clip by clip, so only a clip that fails alone gets
-        an error. `items` is read from another thread, a few clips ahead of the device.
+        an error. `items` is read from another thread, a few clips ahead of the device. Once `stop()` is true,
+        the clips on the device finish and the stream ends.
         """
         decoding = decoding or Decoding()
         prompt = prompt or self.prompt
@@ -250,6 +269,7 @@ class Captioner:
             cache_tokens=None if cache_bytes is None else cache_bytes // per_token,
             padding=0.25 if self.decoder == "transformers" else None,
             on_step=on_step if on_token is not None else None,
+            stop=stop,
         )
         for key, outcome in outcomes:
             yield key[0][0], outcome if isinstance(outcome, str) else self._result(outcome, 0.0)
@@ -272,11 +292,11 @@ class Captioner:
         prefix, suffix = self._chat_parts(text)
         prompt_tokens = len(prefix) + audio_tokens(feature_frames(len(samples))) + len(suffix)
         captioned = len(samples) / SAMPLE_RATE
-        meta = (clip.source, clip.duration, captioned, prompt)
+        meta = (clip.source, clip.duration, clip.duration > max_duration, clip.partial, captioned, prompt)
         return Pending((key, meta), prompt_tokens + decoding.max_new_tokens, captioned, (samples, text))
 
     def _result(self, done: Finished, audio_s: float) -> Result:
-        _, (source, duration, captioned, prompt) = done.key
+        _, (source, duration, truncated, partial, captioned, prompt) = done.key
         text = self.processor.tokenizer.decode(done.tokens, skip_special_tokens=True).strip()
         timings = Timings(
             load_s=self.load_s,
@@ -292,7 +312,8 @@ class Captioner:
             prompt_tokens=done.prompt_tokens,
             finished=done.finished,
             duration=duration,
-            truncated=duration > captioned,
+            truncated=truncated,
+            partial=partial,
             captioned_seconds=captioned,
             task=self.task,
             prompt=prompt,
@@ -300,6 +321,7 @@ class Captioner:
             device=str(self.device),
             dtype=devices.dtype_name(self.dtype),
             timings=timings,
+            quant=self.quant,
         )
 
     def _wave(self, capacities: list[int], decoding: Decoding):

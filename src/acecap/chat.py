@@ -7,16 +7,10 @@ a file:// URL inside the folder the server allows, or an http(s) URL when the se
 
 from __future__ import annotations
 
-import base64
-import binascii
+import math
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
-from .audio import AudioError, Clip, decode_audio, load_audio
 from .captioner import Result
 from .generate import Decoding
 
@@ -35,19 +29,6 @@ class APIError(Exception):
 
 
 @dataclass(frozen=True)
-class AudioAccess:
-    """Where audio may come from besides the request itself."""
-
-    files: Path | None = None  # file:// URLs inside this folder (symlinks resolved) may be read
-    urls: bool = False  # http(s) URLs may be fetched
-    max_bytes: int = 100 * 2**20  # the most a fetched file may hold
-
-    def __post_init__(self) -> None:
-        if self.files is not None:
-            object.__setattr__(self, "files", Path(self.files).resolve())
-
-
-@dataclass(frozen=True)
 class ChatRequest:
     """What a chat-completions request asks for, checked."""
 
@@ -59,16 +40,48 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
 
 
+SEEDS = (-(2**63), 2**63 - 1)  # what a torch generator takes, as vLLM bounds it
+MIN_TEMPERATURE = 0.01  # smaller ones overflow the logits (vLLM raises them to this); 0 is greedy
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A client's value quoted in an error, cut short: a 100 KB role or number is not echoed whole."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"an integer of {limit}+ digits"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _number(body: dict, name: str, kind: type, default, low=None, high=None, low_open: bool = False):
+    """body[name] as an int (kind int) or a finite number (kind float) within the bounds, or `default`."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise APIError(400, f"{name} must be {'a number' if kind is float else 'an integer'}", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"{name} must be a finite number, got {value}", param=name)
     if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}]"
-        raise APIError(400, f"{name} must be in {bounds}, got {value}", param=name)
+        raise APIError(400, f"{name} must be in {bounds}, got {_shown(value)}", param=name)
     return kind(value)
+
+
+def _flag(body: dict, name: str) -> bool:
+    """body[name] as a JSON boolean (absent or null: false); "false" as a string is refused, not taken as true."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name} must be true or false, got {_shown(value)}", param=name)
+    return value
+
+
+def _unicode(text: str, what: str) -> str:
+    """`text`, refused when JSON smuggled in a lone surrogate (\\ud800), which no tokenizer or URL can take."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise APIError(400, f"{what} is not valid Unicode (it holds a lone surrogate)", param="messages") from None
+    return text
 
 
 def _parts(messages) -> tuple[list[str], list[dict]]:
@@ -80,22 +93,22 @@ def _parts(messages) -> tuple[list[str], list[dict]]:
         if not isinstance(message, dict):
             raise APIError(400, "each message must be an object with a role and content", param="messages")
         if message.get("role") != "user":
-            raise APIError(400, f"only user messages are taken (got role {message.get('role')!r}): the model "
+            raise APIError(400, f"only user messages are taken (got role {_shown(message.get('role'))}): the model "
                            "answers one user turn, with its own system prompt", param="messages")  # fmt: skip
         content = message.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            texts.append(_unicode(content, "the message's text"))
             continue
         if not isinstance(content, list):
             raise APIError(400, "message content must be a string or a list of parts", param="messages")
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                texts.append(_unicode(part["text"], "the message's text"))
             elif kind in ("input_audio", "audio_url") and isinstance(part.get(kind), dict):
                 audio.append(part)
             else:
-                raise APIError(400, f"content part {kind!r} is not supported: use text, input_audio or audio_url "
+                raise APIError(400, f"content part {_shown(kind)} is not supported: use text, input_audio or audio_url "
                                "(each with its object)", param="messages")  # fmt: skip
     return texts, audio
 
@@ -118,85 +131,37 @@ def parse_chat(body, max_new_tokens: int) -> ChatRequest:
         url = part["audio_url"].get("url")
         if not isinstance(url, str):
             raise APIError(400, "audio_url.url must be a string", param="messages")
-        source = ("url", url)
+        source = ("url", _unicode(url, "audio_url.url"))
     if _number(body, "n", int, 1) != 1:
         raise APIError(400, "n must be 1: one caption per request", param="n")
     limit = _number(body, "max_completion_tokens", int, None, 1, max_new_tokens)
     limit = _number(body, "max_tokens", int, limit or max_new_tokens, 1, max_new_tokens)
+    temperature = _number(body, "temperature", float, 0.0, 0.0, 2.0)  # greedy unless asked: labels repeat
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise APIError(400, f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {temperature}",
+                       param="temperature")  # fmt: skip
     decoding = Decoding(
         max_new_tokens=limit,
-        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),  # greedy unless asked: labels repeat
+        temperature=temperature,
         top_p=_number(body, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
-        repetition_penalty=_number(body, "repetition_penalty", float, 1.0, 0.0, None, low_open=True),
-        seed=_number(body, "seed", int, None),
-        ignore_eos=bool(body.get("ignore_eos", False)),  # vLLM's extension: fixed-length runs for benchmarks
+        repetition_penalty=_number(body, "repetition_penalty", float, 1.0, 0.01, 100.0),
+        seed=_number(body, "seed", int, None, *SEEDS),
+        ignore_eos=_flag(body, "ignore_eos"),  # vLLM's extension: fixed-length runs for benchmarks
     )
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", param="stream_options")
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string", param="model")
     return ChatRequest(
-        model=model if isinstance(model, str) else None,
+        model=model,
         audio=source,
         prompt="\n".join(t for t in texts if t.strip()) or None,
         decoding=decoding,
-        stream=bool(body.get("stream", False)),
-        include_usage=isinstance(options, dict) and bool(options.get("include_usage", False)),
+        stream=_flag(body, "stream"),
+        include_usage=_flag(options or {}, "include_usage"),
     )
-
-
-def _base64(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{what} is not valid base64") from None
-
-
-def _allowed_file(url: str, access: AudioAccess) -> Path:
-    if access.files is None:
-        raise APIError(403, "local files are off on this server (start it with --allow-files DIR)",
-                       kind="permission_error")  # fmt: skip
-    path = Path(unquote(urlparse(url).path))
-    resolved = path.resolve()  # `..` and symlinks resolved before the check, so neither escapes the folder
-    if not path.is_absolute() or not resolved.is_relative_to(access.files):
-        raise APIError(403, f"{path} is outside the folder this server may read", kind="permission_error")
-    return resolved
-
-
-def _download(url: str, access: AudioAccess) -> bytes:
-    if not access.urls:
-        raise APIError(403, "remote URLs are off on this server (start it with --allow-urls)",
-                       kind="permission_error")  # fmt: skip
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            data = response.read(access.max_bytes + 1)
-    except urllib.error.HTTPError as error:
-        raise APIError(400, f"could not fetch {url}: HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise APIError(400, f"could not fetch {url}: {getattr(error, 'reason', error)}") from None
-    if len(data) > access.max_bytes:
-        raise APIError(413, f"{url} holds more than {access.max_bytes / 2**20:g} MiB")
-    return data
-
-
-def fetch_audio(source: tuple[str, str], access: AudioAccess) -> Clip:
-    """The request's audio as a clip (blocking: reads, downloads and decodes)."""
-    kind, value = source
-    try:
-        if kind == "data":
-            return decode_audio(_base64(value, "input_audio.data"), "input_audio")
-        scheme = urlparse(value).scheme.lower()
-        if scheme == "data":
-            header, _, payload = value.partition(",")
-            if not header.endswith(";base64"):
-                raise APIError(400, "a data: audio_url must be base64 (data:audio/...;base64,...)")
-            return decode_audio(_base64(payload, "the audio_url's data"), "audio_url")
-        if scheme == "file":
-            path = _allowed_file(value, access)
-            return load_audio(path)
-        if scheme in ("http", "https"):
-            return decode_audio(_download(value, access), value)
-    except AudioError as error:
-        raise APIError(400, f"the audio could not be used: {error}") from None
-    raise APIError(400, f"audio_url scheme {scheme!r} is not supported: use data:, file:// or http(s)://")
 
 
 def usage(result: Result) -> dict:

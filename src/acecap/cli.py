@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .decode import PREFILL_TOKENS
-
 log = logging.getLogger("acecap")
+PREFILL_TOKENS = 16384  # decode.PREFILL_TOKENS, repeated so that --help needs no torch (a test keeps them equal)
 
 EXAMPLES = """\
 examples:
@@ -21,8 +20,17 @@ examples:
   acecap annotate songs/ -o labels              a whole folder, resumable (acecap annotate -h)
   acecap compare --ref cpu:fp32 --cand npu:0:bf16  is this card faithful to the CPU? (acecap compare -h)
   acecap serve --device npu:0 --api-key $KEY    an OpenAI-compatible service on :8000 (acecap serve -h)
+  acecap review labels                          listen to, check and correct the labels in the browser
+  acecap caption song.wav --device cuda --quant int4   the 7B model on a 12 GB card
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
+
+
+QUANT_HELP = (
+    "quantize the language model's linear layers as the model loads (pip install 'acecap[quant]'): int8 or int4 "
+    "weights (the 7B thinker in 9.3 or 6.5 GiB instead of 15.4), fp8 weights and activations on CUDA cards with "
+    "FP8 units (Ada, Hopper; fp8 weights only on the CPU). Computes in bf16. Default none"
+)
 
 
 def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False, device: bool = True) -> None:
@@ -61,6 +69,7 @@ def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False,
     )
     group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                        help="weights and activations; auto is bf16 on accelerators, fp32 on cpu")  # fmt: skip
+    group.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"], help=QUANT_HELP)
     group.add_argument("--decoder", default="auto", choices=["auto", "static", "compiled", "graphs", "transformers"],
                        help="static: static KV cache, each clip prefilled unpadded; compiled: the same with the "
                        "whole decode step compiled by torch.compile (inductor, and on CUDA replayed as a CUDA "
@@ -86,6 +95,10 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-duration", type=float, default=300.0,
                        help="caption at most this many seconds of each file; longer files are truncated "
                        "and flagged (default 300, the model's design; up to ~1290 fits the context)")  # fmt: skip
+    group.add_argument("--allow-partial", action="store_true",
+                       help="caption a file that holds less audio than its header declares (a partial copy or "
+                       "download), or that cannot be decoded to its end, as far as it goes, flagged partial; "
+                       "without it such a file fails")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decode-workers", type=int, metavar="N",
                        help="processes decoding and resampling audio ahead of each device (default: the host's "
                        "cores less one per device, shared out among the devices)")  # fmt: skip
-    group.add_argument("--shard", help="i/N: only this machine's share of the files (e.g. a Slurm array index)")
+    group.add_argument("--shard", metavar="i/N",
+                       help="only this machine's share of the files, numbered from 0: 0/N ... (N-1)/N (a Slurm "
+                       "array --array=0-7 passes --shard $SLURM_ARRAY_TASK_ID/8; Kubernetes indexed jobs "
+                       "$JOB_COMPLETION_INDEX/8)")  # fmt: skip
     group.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and the summary")
+    group = annotate.add_argument_group("the meta task (tempo, key, time signature)")
+    group.add_argument("--meta-source", default="tags,signal", metavar="SOURCES",
+                       help="where tempo and key come from: tags (the file's BPM and key tags: ID3 TBPM/TKEY, "
+                       "Vorbis BPM/INITIALKEY, MP4 tmpo/initialkey; Camelot and Open Key read too), signal (estimated "
+                       "from the audio), or tags,signal: tags where present, else the signal (default). The time "
+                       "signature is never in tags: it comes from the signal (unknown with tags alone)")  # fmt: skip
+    group.add_argument("--meta-min-confidence", type=float, default=0.3, metavar="C",
+                       help="in the ACE-Step files (-f acestep, csv, acestep-dataset), write a tempo, key or time "
+                       "signature whose confidence is below C as unknown rather than guess; annotations.jsonl keeps "
+                       "every value with its confidence and source. 0 writes all (default 0.3)")  # fmt: skip
     group = annotate.add_argument_group("Ray cluster (pip install 'acecap[ray]')")
     group.add_argument(
         "--ray",
@@ -191,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random weights in this shape (default tiny: a quick check)")  # fmt: skip
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda[:i], npu[:i] or mps")
     bench.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    bench.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"], help=QUANT_HELP)
     bench.add_argument("--decoders", default="auto",
                        help="comma-separated: auto, static, compiled, graphs, transformers")  # fmt: skip
     bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -215,10 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("paths", nargs="*", metavar="PATH",
                          help="audio files or folders to compare on too; or two saved runs (caption -f "
                          "json or jsonl, annotate's annotations.jsonl): their texts, running nothing")  # fmt: skip
-    compare.add_argument("--ref", default="cpu:fp32", help="reference side, DEVICE:DTYPE (default cpu:fp32)")
+    compare.add_argument("--ref", default="cpu:fp32",
+                         help="reference side, DEVICE[:DTYPE][:QUANT] (default cpu:fp32)")  # fmt: skip
     compare.add_argument("--cand", default="auto:auto",
-                         help="candidate side, DEVICE:DTYPE, like npu:0:bf16 or cpu:bf16 (default auto:auto: "
-                         "the best device in its usual dtype)")  # fmt: skip
+                         help="candidate side, DEVICE[:DTYPE][:QUANT], like npu:0:bf16, cpu:bf16 or cuda:bf16:int4 "
+                         "(QUANT: int8, int4 or fp8, as --quant; default auto:auto: the best device in its usual "
+                         "dtype; cpu:bf16 where the CPU is the best device)")  # fmt: skip
     compare.add_argument("--no-suite", action="store_true", help="only the files given, not the built-in clips")
     compare.add_argument("--max-new-tokens", type=int, default=128, help="tokens each side generates (default 128)")
     compare.add_argument("--save-logits", action="store_true",
@@ -244,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ACECAP_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $ACECAP_API_KEY; none)",
     )
+    group.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the model's name in /v1/models and answers (the first), and the names requests may "
+                       "use (default: the hub id, or the model folder's name; never its path)")  # fmt: skip
     group.add_argument(
         "--max-batch-size",
         type=int,
@@ -286,7 +318,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--allow-urls", action="store_true",
                        help="let audio_url name http(s) URLs the server fetches (off by default: the server "
-                       "would fetch whatever a client names)")  # fmt: skip
+                       "would fetch whatever a client names); hosts that are not public are refused")  # fmt: skip
+    group.add_argument("--allow-private-urls", nargs="*", metavar="CIDR",
+                       help="with --allow-urls, fetch also from private, loopback, link-local and reserved "
+                       "addresses: those in the networks given (e.g. 10.0.0.0/8), or any without one")  # fmt: skip
+    group.add_argument("--fetch-timeout", type=float, default=60.0,
+                       help="seconds to read a file:// or http(s) audio_url; then 504 (default 60)")  # fmt: skip
+    group.add_argument("--max-fetch-mb", type=float, default=100.0,
+                       help="largest file:// or http(s) audio_url; larger gets 413 (default 100 MiB)")  # fmt: skip
+    group.add_argument("--fetch-workers", type=int, default=32,
+                       help="threads reading file:// and http(s) audio, apart from those checking and decoding "
+                       "requests (default 32)")  # fmt: skip
+
+    review = commands.add_parser(
+        "review", help="listen to an annotate job's files and check and correct their labels in the browser",
+        description="Serve a local web page over an annotate output folder: a table of every file (sort, "
+        "filter, search) and a page per file with its audio, waveform and spectrogram, and every label "
+        "editable. Saves go to OUT/reviews.jsonl (append-only; annotations.jsonl is never changed) and into "
+        "the ACE-Step files that exist (sidecars beside the songs, OUT/dataset.csv, OUT/dataset.json); "
+        "annotate -f keeps them on later runs. With --export, write the reviewed songs and exit instead.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REVIEW_EXAMPLES,
+    )  # fmt: skip
+    review.add_argument("output_dir", type=Path, metavar="OUT", help="an annotate output folder")
+    group = review.add_argument_group("service")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; anything else needs a token)")  # fmt: skip
+    group.add_argument("--port", type=int, default=0, help="port (default 0: any free port, printed)")
+    group.add_argument("--api-key", default=os.environ.get("ACECAP_API_KEY"),
+                       help="the token every request needs (default: $ACECAP_API_KEY; off a loopback address "
+                       "without one, a new token is made and printed in the URL)")  # fmt: skip
+    group.add_argument("--open", action="store_true", help="open the page in this machine's browser")
+    group = review.add_argument_group("export (instead of serving)")
+    group.add_argument("--export", choices=["approved", "all"],
+                       help="write the approved songs (or all, reviews applied) in each -f format, "
+                       "then exit")  # fmt: skip
+    group.add_argument("-f", "--format", choices=list(FORMATS), action="append", default=[],
+                       help="with --export (repeatable): acestep, sidecars beside each song (values already "
+                       "there are kept); csv, dataset.csv; acestep-dataset, dataset.json")  # fmt: skip
+    group.add_argument("--export-to", type=Path, metavar="DIR",
+                       help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
+
+    quantize = commands.add_parser(
+        "quantize", help="write a pre-quantized copy of a checkpoint that loads fast",
+        description="Load MODEL with its language model's linear layers quantized, on --device, and write DIR: "
+        "the quantized weights (quantized.pt, loaded with weights_only and mmap), quantization.json, and the "
+        "checkpoint's config, processor and tokenizer files. --model DIR then loads it as it is (no 16-bit "
+        "weights read, nothing quantized again) on the same kind of device: int4 is packed for the device kind "
+        "it was made on. Needs pip install 'acecap[quant]'.",
+    )  # fmt: skip
+    quantize.add_argument("model", metavar="MODEL", help="checkpoint folder or hub id")
+    quantize.add_argument("-o", "--output-dir", type=Path, required=True, help="where to write the folder")
+    quantize.add_argument("--quant", required=True, choices=["int8", "int4", "fp8"], help=QUANT_HELP)
+    quantize.add_argument("--device", default="auto", help="the kind of device the folder is for (default auto)")
+    quantize.add_argument("--hub", choices=["auto", "modelscope", "huggingface"], default="auto",
+                          help="where to download a hub id from (default auto)")  # fmt: skip
 
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
@@ -304,6 +389,7 @@ examples:
   acecap bench --device cpu                                   a quick check with the tiny shape
   acecap bench --device cuda --shapes 7b --batch-sizes 1,16,64 the real model's shapes, bf16
   acecap bench --device npu:0 --shapes 7b                     the same on an Ascend card
+  acecap bench --device cuda --shapes 7b --quant fp8          FP8 weights and activations
   acecap bench --model ./acestep-captioner --seconds 60       a real checkpoint
 """
 
@@ -313,6 +399,8 @@ examples:
   acecap compare --ref cpu:fp32 --cand npu:0:bf16          is this Ascend card faithful to the CPU?
   acecap compare --ref cpu:fp32 --cand cpu:bf16 songs/     what bf16 costs, on the suite and your songs
   acecap compare --ref cuda:fp32 --cand cuda:bf16 --model ./acestep-captioner -o precision-gpu
+  acecap compare --ref cpu:fp32 --cand cpu:bf16:int8       what int8 weights cost
+  acecap compare --ref cuda:bf16 --cand cuda:bf16:fp8      what FP8 costs on a Hopper card
   acecap compare laptop/annotations.jsonl npu-server/annotations.jsonl   two saved runs, texts only
 """
 
@@ -323,7 +411,18 @@ examples:
   acecap serve --device npu:0 --host 0.0.0.0 --api-key $KEY
   acecap serve --task lyrics --port 8001             the transcriber beside it
   acecap serve --allow-files /data/music             clients may name file:///data/music/... as audio_url
+  acecap serve --model ./acestep-captioner --served-model-name ACE-Step/acestep-captioner
+                                                     a local copy under the hub id clients send
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+"""
+
+
+REVIEW_EXAMPLES = """\
+examples:
+  acecap review labels                             a page on http://127.0.0.1:PORT/ (printed)
+  acecap review labels --port 8100 --open          a fixed port, opened in the browser
+  acecap review labels --host 0.0.0.0              reachable from other machines: prints a URL with a token
+  acecap review labels --export approved -f acestep-dataset   labels/dataset.json of the approved songs
 """
 
 
@@ -362,8 +461,18 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    if quiet:  # its "Loading weights" bar too
+        transformers_logging.disable_progress_bar()
     # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
-    from .commands import annotate_command, bench_command, caption_command, compare_command, say_error, serve_command
+    from .commands import (
+        annotate_command,
+        bench_command,
+        caption_command,
+        compare_command,
+        quantize_command,
+        say_error,
+        serve_command,
+    )
     from .devices import DeviceError
     from .hub import ModelNotFound
     from .inputs import ManifestError
@@ -380,8 +489,14 @@ def main(argv: list[str] | None = None) -> int:
             return bench_command(args)
         if args.command == "compare":
             return compare_command(args)
+        if args.command == "quantize":
+            return quantize_command(args)
         if args.command == "serve":
             return serve_command(args)
+        if args.command == "review":
+            from .commands import review_command
+
+            return review_command(args)
         return caption_command(args)
     except (DeviceError, ModelNotFound, CheckpointError, ManifestError, ValueError, OSError) as error:
         say_error(str(error))

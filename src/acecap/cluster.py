@@ -19,11 +19,13 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from .annotate import CHUNK_FILES, Job, Progress, Worker, load_captioner, load_options, summarise_records, write_txt
 from .batching import default_batch_size
 from .inputs import Item
+from .job import CHUNK_FILES, Job
 from .pipeline import Decoded, Pipeline, identity_of
+from .progress import Progress
 from .records import RecordWriter
+from .worker import Worker, commit, load_captioner, summarise_records
 
 log = logging.getLogger("acecap")
 
@@ -70,7 +72,7 @@ class Annotator:
 
     def run(self, items: list[Item]) -> list[tuple[list[dict], dict[str, Path]]]:
         # Decoded outside the lock: while one call's chunk is on the device, the next one's is decoded.
-        with Pipeline(self.job.decode_workers, load_options(self.job)) as pipeline:
+        with Pipeline(self.job.decode_workers, self.worker.decode_options) as pipeline:
             decoded = list(pipeline.decode(items, ahead=len(items)))
         with self.device_lock:
             self.saved = []
@@ -134,8 +136,7 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
                 log.error("Ray actor %d is gone; the others go on", rank)
                 devices.pop(rank, None)
         for records, relative in saved:
-            writer.write(records)
-            write_txt(job, records, relative)
+            records = commit(job, writer, records, relative)
             progress.records(rank, devices.get(rank, f"actor {rank}"), summarise_records(records))
         if rank in devices:
             hand_out(rank)

@@ -13,25 +13,40 @@ log = logging.getLogger("acecap")
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
+    """`i/N`, numbered from 0 as Slurm arrays (--array=0-7) and Kubernetes indexed jobs number their tasks."""
     if text is None:
         return None
     index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    if not (index.isdigit() and count.isdigit() and 0 < int(count)):
         raise ValueError(f"--shard {text!r}: use i/N with 0 <= i < N, like 0/4")
+    if int(index) >= int(count):
+        raise ValueError(f"--shard {text}: shards are numbered from 0, so the last of {count} is "
+                         f"{int(count) - 1}/{count}; from a 1-based index use --shard $((i - 1))/{count}")  # fmt: skip
     return int(index), int(count)
 
 
 def annotate_command(args: argparse.Namespace) -> int:
-    from .acestep import export
-    from .annotate import ALL_TASKS, Job, annotate, summary_table
+    from .acestep import check_collisions, export
+    from .annotate import annotate
     from .devices import expand_devices
     from .inputs import discover
+    from .job import ALL_TASKS, Job
+    from .progress import summary_table
     from .records import latest_per_input, load_records
+    from .reviews import reviewed_fields
 
     tasks = _tasks(args.tasks, ALL_TASKS)
+    if not 0.0 <= args.meta_min_confidence <= 1.0:
+        raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
+    shard, decoding, meta_sources = _shard(args.shard), _decoding(args), _meta_sources(args.meta_source)
+    for flag, value in (("--decode-workers", args.decode_workers), ("--prefill-tokens", args.prefill_tokens)):
+        if value is not None and value < 1:  # as Job says, but before discovery reads any input
+            raise ValueError(f"{flag} must be at least 1")
+    items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
+    check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
     ok = True
     for task in tasks:
         job = Job(
@@ -47,17 +62,20 @@ def annotate_command(args: argparse.Namespace) -> int:
             else expand_devices(args.devices or args.device),
             dtype=args.dtype,
             decoder=args.decoder,
+            quant=args.quant,
             prompt=args.prompt,
-            decoding=_decoding(args),
+            decoding=decoding,
             batch_size=args.batch_size,
             long_audio=args.long_audio,
             max_duration=args.max_duration,
             segment_seconds=args.segment_seconds,
             overwrite=args.overwrite,
             write_txt="txt" in args.format,
-            shard=_shard(args.shard),
+            allow_partial=args.allow_partial,
+            shard=shard,
             ray=args.ray,
             ray_actors=args.ray_actors,
+            meta_sources=meta_sources,
             decode_workers=args.decode_workers,
             prefill_tokens=args.prefill_tokens,
         )
@@ -66,14 +84,33 @@ def annotate_command(args: argparse.Namespace) -> int:
         summary = annotate(job, progress=not args.quiet)
         print(f"{task}:\n{summary_table(summary)}", file=sys.stderr)
         ok &= summary.ok
+        if summary.interrupted:
+            print(f"records: {args.output_dir / 'annotations.jsonl'} (interrupted)", file=sys.stderr)
+            # After a second Ctrl-C a worker thread may still be inside the model's kernels, and exiting the
+            # interpreter around it aborts (C++ terminate): leave at once, the records are merged on disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     print(f"records: {args.output_dir / 'annotations.jsonl'}", file=sys.stderr)
     formats = [f for f in args.format if f != "txt"]
     if formats:
-        relative = {os.path.abspath(item.path): item.relative for item in discover(args.inputs)}
+        relative = {os.path.abspath(item.path): item.relative for item in items}
         records = latest_per_input(load_records(args.output_dir))
-        written = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite)
+        reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
+        written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
+                                 reviews, args.meta_min_confidence)  # fmt: skip
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+        for path, reason in failed:
+            say_error(f"{path}: not written: {reason}")
+        ok &= not failed
     return 0 if ok else 1
+
+
+def _meta_sources(text: str) -> tuple[str, ...]:
+    sources = tuple(dict.fromkeys(source.strip() for source in text.split(",") if source.strip()))
+    if not sources or set(sources) - {"tags", "signal"}:
+        raise ValueError(f"--meta-source {text!r}: use tags, signal or tags,signal")
+    return sources
 
 
 def _tasks(text: str, known: tuple[str, ...]) -> list[str]:
@@ -112,11 +149,17 @@ def say_error(message: str) -> None:
     print(f"acecap: error: {message}", file=sys.stderr)
 
 
+def shown(path) -> str:
+    """A path as any terminal takes it: bytes of its name that are not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _figures(result) -> str:
     t = result.timings
     flags = " [truncated]" if result.truncated else ""
     flags += " [cut at --max-new-tokens]" if not result.finished else ""
-    return (f"{result.source}: {result.duration:.1f} s audio, {result.tokens} tokens, "
+    flags += f" [partial: {result.partial}]" if result.partial else ""
+    return (f"{shown(result.source)}: {result.duration:.1f} s audio, {result.tokens} tokens, "
             f"first token {t.first_token_s * 1000:.0f} ms, {t.decode_tokens_per_s:.1f} tok/s, "
             f"audio decode {t.audio_s * 1000:.0f} ms{flags}")  # fmt: skip
 
@@ -128,39 +171,51 @@ def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
 
     captioner = Captioner.from_pretrained(args.model, task=args.task, device=args.device, dtype=args.dtype,
                                           hub=args.hub, prompt=prompt, decoder=args.decoder,
-                                          prefill_tokens=args.prefill_tokens)  # fmt: skip
-    print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}), "
+                                          quant=args.quant, prefill_tokens=args.prefill_tokens)  # fmt: skip
+    quant = f", {captioner.quant} weights" if captioner.quant != "none" else ""
+    print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}{quant}), "
           f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
     return captioner
 
 
 def caption_command(args: argparse.Namespace) -> int:
+    """Each file alone: one that cannot be read, captioned or written is reported, and the rest go on (exit 1).
+    Only the model and its device stop the command (exit 2)."""
     from .audio import AudioError, load_audio
-    from .writers import check_unique_names, write_result
+    from .writers import check_unique_names, check_writable, write_result
 
     decoding = _decoding(args)
     if args.output_dir:
         check_unique_names(args.paths)
+        check_writable(args.output_dir)
     captioner = None
     failures = 0
     for path in args.paths:
         start = time.perf_counter()
         try:
-            clip = load_audio(path)
+            clip = load_audio(path, max_seconds=args.max_duration, allow_partial=args.allow_partial)
         except AudioError as error:
-            say_error(f"{path}: {error}")
+            say_error(f"{shown(path)}: {error}")
+            failures += 1
+            continue
+        except Exception as error:  # a decoder's bug on one file
+            say_error(f"{shown(path)}: cannot decode: {type(error).__name__}: {error}")
             failures += 1
             continue
         audio_s = time.perf_counter() - start
         if captioner is None:  # loaded once a first file decodes: bad inputs alone never cost a model load
             captioner = _load_captioner(args, args.prompt)
-        result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
-        if len(args.paths) > 1:
-            print(f"# {path}")
-        print(result.text, flush=True)
-        print(_figures(result), file=sys.stderr)
-        if args.output_dir:
-            write_result(result, args.output_dir, args.format)
+        try:
+            result = captioner.caption_clips([clip], decoding, max_duration=args.max_duration, audio_s=[audio_s])[0]
+            if len(args.paths) > 1:
+                print(f"# {shown(path)}")
+            print(result.text, flush=True)
+            print(_figures(result), file=sys.stderr)
+            if args.output_dir:
+                write_result(result, args.output_dir, args.format)
+        except (OSError, RuntimeError) as error:  # this file's output, or its batch on the device
+            say_error(f"{shown(path)}: {error}")
+            failures += 1
     return 1 if failures else 0
 
 
@@ -182,6 +237,7 @@ def bench_command(args: argparse.Namespace) -> int:
         shape=args.shapes,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         decoders=args.decoders.split(","),
         batch_sizes=_numbers(args.batch_sizes),
         seconds=args.seconds,
@@ -197,7 +253,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def compare_command(args: argparse.Namespace) -> int:
     from .audio import AudioError, load_audio
-    from .compare import builtin_suite, check_both_fit, compare, compare_results, parse_side
+    from .compare import builtin_suite, check_both_fit, choose_sides, compare, compare_results
     from .generate import Decoding
     from .inputs import discover
     from .precision_report import verdict, write_report, write_text_report
@@ -208,7 +264,7 @@ def compare_command(args: argparse.Namespace) -> int:
             raise ValueError("to compare saved runs give exactly two result files: REFERENCE.json CANDIDATE.json")
         line, status = write_text_report(compare_results(*saved), *saved, args.output_dir), 0
     else:
-        reference, candidate = parse_side(args.ref), parse_side(args.cand)
+        reference, candidate = choose_sides(args.ref, args.cand)
         clips = [] if args.no_suite else builtin_suite()
         for item in discover(args.paths):
             try:
@@ -222,19 +278,40 @@ def compare_command(args: argparse.Namespace) -> int:
         results, runs = compare(args.model, reference, candidate, clips, decoding, args.task, args.hub)
         line = write_report(results, reference, candidate, runs, args.output_dir, args.save_logits)
         status = 1 if verdict(results) == "fail" else 0
-    print((args.output_dir / "report.md").read_text(), end="")
     print(line, file=sys.stderr)
+    print(f"report: {args.output_dir / 'report.md'}", file=sys.stderr)
     return status
 
 
+def quantize_command(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
+    from .hub import resolve_model
+    from .model import write_quantized
+    from .quant import WEIGHTS_FILE
+
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    folder = write_quantized(resolve_model(args.model, args.hub), args.output_dir, args.quant, device)
+    size = (folder / WEIGHTS_FILE).stat().st_size / 2**30
+    print(f"acecap: {args.model} quantized to {args.quant} for {device.type} in {time.perf_counter() - start:.1f} s: "
+          f"{folder} ({size:.1f} GiB); use it with --model {folder}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    from .chat import AudioAccess
+    from .fetch import AudioAccess
     from .serve import ServeConfig, serve
 
     if args.allow_files is not None and not args.allow_files.is_dir():
         raise ValueError(f"--allow-files {args.allow_files}: not a folder")
+    if args.allow_private_urls is not None and not args.allow_urls:
+        raise ValueError("--allow-private-urls widens --allow-urls: give both")
+    private = ("0.0.0.0/0", "::/0") if args.allow_private_urls == [] else tuple(args.allow_private_urls or ())
+    access = AudioAccess(files=args.allow_files, urls=args.allow_urls, private_networks=private,
+                         max_bytes=int(args.max_fetch_mb * 2**20), timeout_s=args.fetch_timeout)  # fmt: skip
     config = ServeConfig(
         api_key=args.api_key or None,
+        served_model_name=tuple(args.served_model_name or ()),
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -242,7 +319,27 @@ def serve_command(args: argparse.Namespace) -> int:
         max_duration=args.max_duration,
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout,
-        access=AudioAccess(files=args.allow_files, urls=args.allow_urls, max_bytes=int(args.max_body_mb * 2**20)),
+        fetch_workers=args.fetch_workers,
+        access=access,
     )
     serve(_load_captioner(args), config, args.host, args.port)
     return 0
+
+
+def review_command(args: argparse.Namespace) -> int:
+    if args.export is None:
+        if args.format or args.export_to:
+            raise ValueError("-f and --export-to go with --export approved|all")
+        from .review import review
+
+        review(args.output_dir, args.host, args.port, args.api_key or None, args.open)
+        return 0
+    from .reviews import export_reviewed
+
+    written, failed = export_reviewed(args.output_dir, args.export, args.format, args.export_to)
+    print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
+    for path in written:
+        print(path)
+    for path, reason in failed:
+        say_error(f"{path}: not written: {reason}")
+    return 1 if failed else 0

@@ -31,26 +31,53 @@ from .fidelity import (
 )
 from .generate import Decoding
 from .hub import resolve_model
-from .model import TASKS, resident_parameters
+from .model import TASKS, resident_bytes
+from .quant import QUANTS
 
 
 @dataclass(frozen=True)
 class Side:
     device: str
     dtype: str
+    quant: str = "none"
 
     def __str__(self) -> str:
-        return f"{self.device}:{self.dtype}"
+        return f"{self.device}:{self.dtype}" + (f":{self.quant}" if self.quant != "none" else "")
 
 
 def parse_side(text: str) -> Side:
-    """`cpu:fp32`, `npu:0:bf16`, `cuda:bf16` → device and dtype (the dtype defaults to auto)."""
-    device, _, dtype = text.strip().rpartition(":")
-    if ":" not in text or (dtype not in devices.DTYPES and dtype != "auto"):
-        device, dtype = text.strip(), "auto"
-    if not device:
-        raise ValueError(f"bad side {text!r}: use DEVICE:DTYPE, like cpu:fp32 or npu:0:bf16")
-    return Side(device, dtype)
+    """DEVICE[:DTYPE][:QUANT]: `cpu:fp32`, `npu:0:bf16`, `cuda:bf16:int4`, `cpu:bf16:int8` (dtype defaults to
+    auto, quantization to none)."""
+    parts = text.strip().split(":")
+    quant = parts.pop() if len(parts) > 1 and parts[-1] in QUANTS else "none"
+    dtype = parts.pop() if len(parts) > 1 and (parts[-1] in devices.DTYPES or parts[-1] == "auto") else "auto"
+    device = ":".join(parts)
+    if not device or device in QUANTS or device in devices.DTYPES:
+        raise ValueError(f"bad side {text!r}: use DEVICE:DTYPE or DEVICE:DTYPE:QUANT, like cpu:fp32 or cuda:bf16:int4")
+    return Side(device, dtype, quant)
+
+
+DEFAULT_REFERENCE, DEFAULT_CANDIDATE = "cpu:fp32", "auto:auto"
+
+
+def resolve_side(side: Side) -> Side:
+    """The side as it will run, `auto` made concrete (bf16 where quantized, as Captioner.from_pretrained does),
+    so that reports name what ran."""
+    device = devices.resolve_device(side.device)
+    dtype = "bf16" if side.dtype == "auto" and side.quant != "none" else side.dtype
+    return Side(str(device), devices.dtype_name(devices.resolve_dtype(dtype, device)), side.quant)
+
+
+def choose_sides(reference: str = DEFAULT_REFERENCE, candidate: str = DEFAULT_CANDIDATE) -> tuple[Side, Side]:
+    """Both sides, resolved. Where the default candidate is the reference itself (a host with no accelerator),
+    the candidate becomes bf16 on that device: what half precision costs there, not a comparison with itself."""
+    ref, cand = resolve_side(parse_side(reference)), resolve_side(parse_side(candidate))
+    if cand == ref and candidate == DEFAULT_CANDIDATE and ref.dtype == "fp32":
+        cand = Side(ref.device, "bf16", ref.quant)
+    if cand == ref:
+        raise ValueError(f"both sides are {ref}: a model compared with itself agrees by construction; give --cand "
+                         "another device, dtype or quantization (cpu:bf16, npu:0:bf16, cpu:bf16:int8)")  # fmt: skip
+    return ref, cand
 
 
 def builtin_suite(long_seconds: float = 60.0) -> list[Clip]:
@@ -184,7 +211,9 @@ def clip_metrics(reference: SideRun, candidate: SideRun, half_precision: bool) -
 
 
 def _load(model, side: Side, task: str, hub: str) -> Captioner:
-    return Captioner.from_pretrained(model, task=task, device=side.device, dtype=side.dtype, hub=hub, decoder="static")
+    return Captioner.from_pretrained(
+        model, task=task, device=side.device, dtype=side.dtype, hub=hub, decoder="static", quant=side.quant
+    )
 
 
 def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding: Decoding,
@@ -217,13 +246,19 @@ def add_semantic(results: list[dict]) -> None:
 
 
 def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption", hub: str = "auto") -> None:
-    """Refuse before any work when either side's weights cannot fit its device (the two load in turn)."""
-    parameters = resident_parameters(resolve_model(str(model or TASKS[task].model_id), hub))
+    """Refuse before any work when either side cannot run or its weights cannot fit its device (they load in turn)."""
+    from .quant import check
+
+    sides = []
     for side in (reference, candidate):
         device = devices.resolve_device(side.device)
-        dtype = devices.resolve_dtype(side.dtype, device)
+        dtype = devices.resolve_dtype("bf16" if side.quant != "none" and side.dtype == "auto" else side.dtype, device)
+        check(side.quant, device, dtype)  # before any download
+        sides.append((side, device, dtype))
+    folder = resolve_model(str(model or TASKS[task].model_id), hub)
+    for side, device, dtype in sides:
         try:
-            devices.check_fits(parameters * dtype.itemsize, device, dtype)
+            devices.check_fits(resident_bytes(folder, side.quant, dtype, device.type), device, dtype, quant=side.quant)
         except devices.DeviceError as error:
             raise devices.DeviceError(
                 f"{side}: {error}. Compare against results saved elsewhere (acecap compare A.json B.json), "
@@ -231,10 +266,33 @@ def check_both_fit(model, reference: Side, candidate: Side, task: str = "caption
             ) from None
 
 
+def record_text(record: dict) -> str | None:
+    """What the model wrote, in any record acecap saves: `caption -f json/jsonl` keeps it under `text`;
+    annotate under the task's name (for lyrics the model's own text, before parsing, is `raw_lyrics`)."""
+    for key in ("text", "raw_lyrics", record.get("task") or "caption"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return None
+
+
+def unique_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest tail of folder names that no other path shares (song.wav, or a/song.wav)."""
+    parts = {path: Path(path).parts for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for depth in range(1, len(own) + 1):
+            tail = own[-depth:]
+            if all(other[-depth:] != tail for key, other in parts.items() if key != path):
+                break
+        names[path] = "/".join(tail)
+    return names
+
+
 def read_results(path: Path) -> dict[str, dict]:
     """Records of a caption or annotate run (a .json record or list, or .jsonl), by file name and task.
 
-    Runs made on other machines hold other absolute paths, so records pair up by file name.
+    Runs made on other machines hold other folders, so records pair up by file name (with as many
+    of its folders as it takes to tell two files of one name apart).
     """
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -242,12 +300,16 @@ def read_results(path: Path) -> dict[str, dict]:
     else:
         loaded = json.loads(text)
         records = loaded if isinstance(loaded, list) else [loaded]
-    named = {}
-    for record in records:
-        if record.get("error") is None and "text" in record:
-            name = Path(record.get("path") or record["source"]).name
-            named[f"{name} ({record.get('task', 'caption')})"] = record
-    return named
+    usable = [r for r in records if isinstance(r, dict) and r.get("error") is None and record_text(r) is not None]
+    names = unique_names([_file_of(r) for r in usable])
+    return {f"{names[_file_of(r)]} ({r.get('task', 'caption')})": r for r in usable}
+
+
+def _file_of(record: dict) -> str:
+    """The file a saved record names: caption's `source`; annotate's `path`, under its `root` where it has one."""
+    if record.get("root") is not None:
+        return f"{record['root']}/{record['path']}"
+    return str(record.get("path") or record["source"])
 
 
 def compare_results(reference: Path, candidate: Path) -> list[dict]:
@@ -256,6 +318,8 @@ def compare_results(reference: Path, candidate: Path) -> list[dict]:
     shared = [name for name in ref if name in cand]
     if not shared:
         raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
-    results = [{"clip": name, "generation": text_metrics(ref[name]["text"], cand[name]["text"])} for name in shared]
+    results = [
+        {"clip": name, "generation": text_metrics(record_text(ref[name]), record_text(cand[name]))} for name in shared
+    ]
     add_semantic(results)
     return results

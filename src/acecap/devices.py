@@ -195,7 +195,9 @@ def memory_info(device: torch.device) -> tuple[int, int] | None:
     return None
 
 
-def check_fits(weight_bytes: int, device: torch.device, dtype: torch.dtype, free: int | None = None) -> None:
+def check_fits(
+    weight_bytes: int, device: torch.device, dtype: torch.dtype, free: int | None = None, quant: str = "none"
+) -> None:
     """Refuse up front, with advice, to load weights that cannot fit, instead of dying mid-load."""
     if free is None:
         info = memory_info(device)
@@ -205,9 +207,15 @@ def check_fits(weight_bytes: int, device: torch.device, dtype: torch.dtype, free
     if weight_bytes <= free:
         return
     need, have = weight_bytes / 2**30, free / 2**30
-    advice = "use --dtype bf16 to halve it, or " if dtype == torch.float32 else ""
+    if dtype == torch.float32:
+        advice = "use --dtype bf16 to halve it, or "
+    elif quant == "none":
+        advice = "use --quant int8 or int4 to shrink it (pip install 'acecap[quant]'), or "
+    else:
+        advice = "use --quant int4, or " if quant != "int4" else ""
+    what = dtype_name(dtype) if quant == "none" else f"{quant} ({dtype_name(dtype)} activations)"
     raise DeviceError(
-        f"the model's weights need {need:.1f} GiB in {dtype_name(dtype)} but {device} has {have:.1f} GiB free; "
+        f"the model's weights need {need:.1f} GiB in {what} but {device} has {have:.1f} GiB free; "
         f"{advice}free memory or choose another device"
     )
 
@@ -285,6 +293,19 @@ def share_malloc_arena() -> None:
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def release_host_memory() -> None:
+    """Give host memory freed by large tensors back to the system.
+
+    glibc keeps it for reuse, so a model quantized layer by layer would otherwise hold about twice its final
+    size in resident memory (measured: 1.9 GB for 0.93 GB of int8 weights in the small shape).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc
             pass
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import devices
-from .model import RESIDENT_PARAMETERS_7B
+from . import quant as quantization
 
 
 def _version(package: str) -> str:
@@ -44,6 +44,7 @@ def environment_lines() -> list[str]:
         f"torch         {torch.__version__} (cuda {torch.version.cuda or '-'})",
         f"transformers  {transformers.__version__}",
         f"torchvision   {_version('torchvision')}",
+        f"torchao       {_version('torchao')} (--quant; pip install 'acecap[quant]')",
         f"torch_npu     {_version('torch_npu')}",
         f"CANN          {_cann()}",
         f"PYTORCH_NPU_ALLOC_CONF={os.environ.get('PYTORCH_NPU_ALLOC_CONF', '(unset)')}",
@@ -60,6 +61,42 @@ def environment_lines() -> list[str]:
     cpu_memory = devices.memory_info(devices.resolve_device("cpu"))
     if cpu_memory:
         lines.append(f"cpu memory    {_gib(cpu_memory[0])} free of {_gib(cpu_memory[1])}")
+    return lines
+
+
+def thinker_shapes(shape: str = "7b") -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the thinker holds in acecap (default: the released model's shapes), from
+    its config, built on the meta device."""
+    import torch
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    from .model import AudioThinker
+    from .tiny import full_config
+
+    with torch.device("meta"):
+        thinker = AudioThinker(Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"]))
+    return [(name, tuple(tensor.shape)) for name, tensor in thinker.state_dict().items()]
+
+
+def quant_lines(device, dtype, memory: tuple[int, int] | None) -> list[str]:
+    """For each --quant: the ACE-Step thinker's weight bytes on this device, and whether they fit its free memory."""
+    import torch
+
+    free = memory[0] if memory else None
+    head = f", {_gib(free)} free now" if free is not None else ""
+    lines = [f"real model    ACE-Step thinker weights on {device}{head}:"]
+    shapes = thinker_shapes()
+    rows = [("none", dtype)] + ([("none", torch.bfloat16)] if dtype != torch.bfloat16 else [])
+    rows += [(quant, torch.bfloat16) for quant in quantization.QUANTS if quant != "none"]
+    for quant, weights_dtype in rows:
+        need = quantization.resident_bytes(shapes, quant, weights_dtype, device.type)
+        try:
+            quantization.check(quant, device, weights_dtype)
+            verdict = "" if free is None else ("fits" if need <= free else "does not fit")
+        except quantization.QuantError as error:
+            verdict = f"cannot run: {error}"
+        name = f"{quant} ({devices.dtype_name(weights_dtype)})" if quant == "none" else quant
+        lines.append(f"  --quant {name:<11} {_gib(need):>9}  {verdict}".rstrip())
     return lines
 
 
@@ -82,11 +119,7 @@ def run_doctor(device: str = "auto", dtype: str = "auto") -> int:
     print(f"device        {result.device} ({devices.device_name(captioner.device)}), dtype {result.dtype}")
     print(f"tiny model    {result.tokens} tokens, first token {result.timings.first_token_s * 1000:.0f} ms, "
           f"{result.timings.decode_tokens_per_s:.1f} tok/s, peak memory {_gib(peak)}")  # fmt: skip
-    need = RESIDENT_PARAMETERS_7B * captioner.dtype.itemsize
-    info = devices.memory_info(captioner.device)
-    room = f", {_gib(info[0])} free now" if info else ""
-    if info and need > info[0]:
-        room += " (does not fit" + ("; --dtype bf16 halves it)" if result.dtype == "fp32" else ")")
-    print(f"real model    ACE-Step weights need {_gib(need)} in {result.dtype} on {result.device}{room}")
+    for line in quant_lines(captioner.device, captioner.dtype, devices.memory_info(captioner.device)):
+        print(line)
     print(f"ok: acecap works on {result.device} ({time.perf_counter() - start:.1f} s)")
     return 0

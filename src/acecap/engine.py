@@ -270,11 +270,13 @@ def stream(
     cache_tokens: int | None = None,
     padding: float | None = None,
     on_step: Callable[[list[tuple[Any, int]]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[Any, Finished | str]]:
     """Each clip's key with its tokens, or with the reason it failed, as clips end.
 
     `make_wave(capacities)` builds a wave of rows of these capacities (ascending). A wave takes at most `rows`
     clips, within `cache_tokens` KV cache slots; with `padding` (padded batches), at most that share of it.
+    Once `stop()` is true no clip starts: those on the device finish, the others get no outcome.
     """
     feed = _Feed(source)
     waiting: list[Pending] = []  # by need, ascending
@@ -284,16 +286,20 @@ def stream(
     chosen: list[Pending] = []
     try:
         while True:
-            room = WAITING_PER_ROW * rows - len(waiting)
             busy = wave is not None and bool(wave.rows)
-            # Block only when the device has nothing to do and a wave would start short of rows.
-            block = not busy and not alone and len(waiting) < rows and not feed.ended
-            for pending in feed.take(room, block):
-                at = bisect.bisect(needs, pending.need)
-                waiting.insert(at, pending)
-                needs.insert(at, pending.need)
-            if not busy and block:
-                continue  # waited for one more clip; look again
+            if stop is not None and stop():  # nothing new starts; the clips left wait for another run
+                for held in (waiting, needs, alone):
+                    held.clear()
+            else:
+                room = WAITING_PER_ROW * rows - len(waiting)
+                # Block only when the device has nothing to do and a wave would start short of rows.
+                block = not busy and not alone and len(waiting) < rows and not feed.ended
+                for pending in feed.take(room, block):
+                    at = bisect.bisect(needs, pending.need)
+                    waiting.insert(at, pending)
+                    needs.insert(at, pending.need)
+                if not busy and block:
+                    continue  # waited for one more clip; look again
             try:
                 if not busy:
                     wave = None

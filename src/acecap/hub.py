@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 HUBS = ("auto", "modelscope", "huggingface")
 TRUTHY = {"1", "true", "yes", "on"}
@@ -43,9 +47,46 @@ def _from_huggingface(model_id: str, local_only: bool) -> Path:
 FETCHERS = {"modelscope": _from_modelscope, "huggingface": _from_huggingface}
 
 
-def _short(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+def endpoint(hub: str) -> str:
+    """The address each hub's client downloads from, as its own variables set it."""
+    if hub == "huggingface":
+        return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "www.modelscope.cn"
+    return url if "://" in url else f"https://{url}"
+
+
+def reachable(url: str, timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to the URL's host opens: seconds to find out, not the clients' retry minutes."""
+    parsed = urlparse(url)
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextmanager
+def _quiet_hub_clients():
+    """ModelScope logs each retry as a warning of its own; acecap reports the outcome once."""
+    loggers = [logging.getLogger(name) for name in ("modelscope", "modelscope_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _short(error: Exception, limit: int = 160) -> str:
+    """The error's first line and sentence, whole words only: clients append pages of context after it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def resolve_model(model: str, hub: str = "auto") -> Path:
@@ -66,25 +107,54 @@ def resolve_model(model: str, hub: str = "auto") -> Path:
         raise ModelNotFound(f"model folder {model} does not exist (a hub id looks like ACE-Step/acestep-captioner)")
 
     hubs = ["modelscope", "huggingface"] if hub == "auto" else [hub]
-    for name in hubs:  # caches first: a copy on disk never needs the network
-        try:
-            return FETCHERS[name](model, local_only=True)
-        except Exception:  # each hub signals a cache miss with its own exception type
-            pass
-    advice = f"download it elsewhere and pass --model /path/to/folder (a copy of the {model} repository)"
+    with _quiet_hub_clients():
+        for name in hubs:  # caches first: a copy on disk never needs the network
+            try:
+                return FETCHERS[name](model, local_only=True)
+            except Exception:  # each hub signals a cache miss with its own exception type
+                pass
+    advice = (
+        f"pass --model /path/to/folder (a copy of the {model} repository), or try acecap without a download: "
+        "python -m acecap.tiny /tmp/tiny, then --model /tmp/tiny (random weights); acecap doctor checks this machine"
+    )
     if offline():
         raise ModelNotFound(
             f"{model} is in neither the ModelScope nor the Hugging Face cache, and HF_HUB_OFFLINE is set; {advice}"
         )
+    online = [name for name in hubs if reachable(endpoint(name))]
+    if not online:
+        hosts = [urlparse(endpoint(name)).netloc for name in hubs]
+        unreached = f"neither {hosts[0]} nor {hosts[1]} can" if len(hosts) == 2 else f"{hosts[0]} cannot"
+        raise ModelNotFound(f"{model} is not on this machine, and {unreached} be reached (offline?); {advice}")
     failures = []
-    for name in hubs:
-        try:
-            return FETCHERS[name](model, local_only=False)
-        except Exception as error:  # network, authentication or missing-repo errors differ per client version
-            failures.append(f"{name}: {_short(error)}")
+    with _quiet_hub_clients():
+        for name in online:
+            try:
+                return FETCHERS[name](model, local_only=False)
+            except Exception as error:  # network, authentication or missing-repo errors differ per client version
+                failures.append(f"{name}: {_short(error)}")
     raise ModelNotFound(f"could not download {model} ({'; '.join(failures)}); {advice}")
 
 
 def revision_of(folder: Path) -> str | None:
     """The commit of a hub snapshot folder (…/snapshots/<revision>), or None for a plain folder."""
     return folder.name if folder.parent.name == "snapshots" else None
+
+
+def served_name(model: str) -> str:
+    """The name a server shows for `model`, never a path: a hub id as given; for a folder, the hub id its
+    place in a hub cache tells (a Hugging Face snapshot, a ModelScope cache folder), else the folder's name."""
+    if _is_hub_id(model):
+        return model
+    folder = Path(model).expanduser().resolve()
+    repository = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repository.startswith("models--") and repository.count("--") >= 2:
+        return repository.removeprefix("models--").replace("--", "/", 1)
+    cache = Path(os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")).expanduser().resolve()
+    if folder.is_relative_to(cache):
+        inside = folder.relative_to(cache).parts
+        if inside[:1] == ("models",):
+            inside = inside[1:]
+        if len(inside) == 2:  # owner/name; ModelScope writes a name's dots as "___"
+            return "/".join(inside).replace("___", ".")
+    return folder.name

@@ -5,26 +5,35 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 AUDIO_EXTENSIONS = {
     ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm",
 }  # fmt: skip
+_SHOWN_EXTENSIONS = ", ".join(sorted(e.lstrip(".") for e in AUDIO_EXTENSIONS))
 MANIFEST_EXTENSIONS = {".txt", ".csv", ".jsonl"}
 PATH_COLUMNS = ("path", "audio_path", "file", "filename")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One input file, and where its outputs go relative to the output folder."""
+    """One input file, its root (the folder it was found under), and its path under that root: where its
+    outputs go under the output folder, and the path its records hold."""
 
     path: Path
     relative: Path
+    error: str | None = None  # why discovery could not use it: a folder it could not list
+    root: Path | None = None  # absolute; None: the file's own folder
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read, with the reason."""
+
+
+class InputError(ValueError):
+    """Inputs that cannot be annotated at all (missing, or holding no audio), each named: found before any work."""
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
@@ -53,20 +62,65 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     return [p if p.is_absolute() else manifest.parent / p for p in map(Path, names)]
 
 
+def _walk(folder: Path) -> list[tuple[Path, str | None]]:
+    """Audio files under `folder` (symlinked folders are not entered, so links cannot loop), and each
+    subfolder that could not be listed, with why: files in it must not vanish without a word."""
+    unlisted: list[OSError] = []
+    found = [
+        (Path(root) / name, None)
+        for root, _, files in os.walk(folder, onerror=unlisted.append)
+        for name in files
+        if Path(name).suffix.lower() in AUDIO_EXTENSIONS
+    ]
+    found += [(Path(e.filename), f"cannot list this folder: {e.strerror or e}") for e in unlisted]
+    return sorted(found)
+
+
+def _expand(entry: Path) -> list[Item]:
+    """The files one input names, each under its root: a folder is its files' root; a manifest's folder is
+    its entries' root (or the folder it shares with them, when some lie outside it); a file's, its folder."""
+    if entry.is_dir():
+        root = Path(os.path.abspath(entry))
+        return [Item(p, p.relative_to(entry), error, root) for p, error in _walk(entry)]
+    if entry.suffix.lower() in MANIFEST_EXTENSIONS and entry.is_file():
+        paths = {p: Path(os.path.abspath(p)) for p in _manifest_paths(entry)}
+        try:
+            root = Path(os.path.commonpath([os.path.abspath(entry.parent), *map(str, paths.values())]))
+        except ValueError:  # Windows: entries on other drives have no folder in common
+            return [Item(p, Path(p.name), None, absolute.parent) for p, absolute in paths.items()]
+        return [Item(p, absolute.relative_to(root), None, root) for p, absolute in paths.items()]
+    absolute = Path(os.path.abspath(entry))
+    return [Item(entry, Path(entry.name), None, absolute.parent)]
+
+
 def discover(inputs: list[str | Path]) -> list[Item]:
-    """Expand the inputs into files, in a stable order, each listed once."""
-    items: dict[Path, Item] = {}
+    """Expand the inputs into files, in a stable order, each listed once. Nothing here raises for one bad
+    file: links that loop or lead nowhere and folders that cannot be read become items that say so. An input
+    that does not exist, or holds no audio (an empty folder or manifest), raises InputError naming each."""
+    items: dict[str, Item] = {}
+    problems = []
     for entry in map(Path, inputs):
-        if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir())
-            pairs = [(p, p.relative_to(entry)) for p in found]
-        elif entry.suffix.lower() in MANIFEST_EXTENSIONS and entry.is_file():
-            pairs = [(p, Path(p.name)) for p in _manifest_paths(entry)]
-        else:  # a file, or a path that does not exist: reading it will say what is wrong
-            pairs = [(entry, Path(entry.name))]
-        for path, relative in pairs:
-            items.setdefault(path.resolve(), Item(path=path, relative=relative))
+        if not entry.exists():
+            link = f" (a link to {os.readlink(entry)}, which does not exist)" if entry.is_symlink() else ""
+            problems.append(f"{entry}: no such file or folder{link}")
+            continue
+        found = _expand(entry)
+        if not found:
+            what = "lists no files" if entry.is_file() else f"no audio files in it (looked for {_SHOWN_EXTENSIONS})"
+            problems.append(f"{entry}: {what}")
+        for item in found:
+            items.setdefault(real_path(item.path), item)
+    if problems:
+        raise InputError("; ".join(problems))
     return list(items.values())
+
+
+def real_path(path: Path) -> str:
+    """The absolute path with symlinks resolved as far as they go (a loop or a NUL does not raise)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return os.path.abspath(path)
 
 
 def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
@@ -74,5 +128,5 @@ def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
     if shard is None:
         return True
     index, count = shard
-    digest = hashlib.sha1(str(item.path.resolve()).encode()).digest()
+    digest = hashlib.sha1(os.fsencode(real_path(item.path))).digest()
     return int.from_bytes(digest[:8], "big") % count == index

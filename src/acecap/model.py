@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import torch
 from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
 from . import compat
+from . import quant as quantization
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,26 @@ class CheckpointError(RuntimeError):
 
 def thinker_config(folder: str | Path) -> Qwen2_5OmniThinkerConfig:
     """The thinker's config from a full (or thinker-only) checkpoint's config.json."""
-    return Qwen2_5OmniThinkerConfig.from_pretrained(folder)
+    with quiet_config_checks():
+        return Qwen2_5OmniThinkerConfig.from_pretrained(folder)
 
 
-def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
-    """Load the thinker's weights straight onto `device`; fail loudly if any are missing."""
+def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype, quant: str = "none") -> AudioThinker:
+    """Load the thinker's weights onto `device`, quantized as `quant` says; fail loudly if any are missing.
+
+    Unquantized weights load straight onto the device. Quantized ones are read into CPU memory, then
+    each decoder layer moves to the device and is quantized there, one at a time, so the device never
+    holds the 16-bit model. A folder written by `acecap quantize` loads its quantized weights as they are.
+    """
+    if quantization.prequantized(folder):
+        return _load_prequantized(folder, device, dtype)
+    model = _from_checkpoint(folder, device if quant == "none" else torch.device("cpu"), dtype)
+    if quant != "none":
+        quantization.quantize_onto(model, device, quant)
+    return model
+
+
+def _from_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
     model, info = AudioThinker.from_pretrained(
         folder,
         dtype=dtype,
@@ -77,8 +96,86 @@ def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype) -
     return model.eval()
 
 
+class _ReleasedConfigNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "must be `None` or an integer within the vocabulary" not in message and "mrope_section" not in message
+
+
+@contextmanager
+def quiet_config_checks():
+    """Silence transformers' checks that misread the released configs; acecap never loads the talker.
+
+    5.x checks every sub-config's token ids against a vocabulary, and the full checkpoint's configs name the
+    thinker's audio and talker ids (151647 and up) beside the talker's 8,448-token vocabulary: seven warnings.
+    4.57 validates `rope_scaling` as the default type and calls the multimodal `mrope_section` unrecognized.
+    """
+    quiet = _ReleasedConfigNoise()
+    loggers = [logging.getLogger(f"transformers.{name}") for name in ("configuration_utils", "modeling_rope_utils")]
+    for log in loggers:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(quiet)
+
+
+def _load_prequantized(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
+    """A folder written by `acecap quantize`: the thinker built without weights, then given the saved ones."""
+    from accelerate import init_empty_weights
+
+    from .tiny import official_key
+
+    config = thinker_config(folder)
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # buffers (rotary frequencies aside) as from_pretrained makes them
+    try:
+        with init_empty_weights():  # parameters on the meta device; buffers real
+            thinker = AudioThinker(config)
+    finally:
+        torch.set_default_dtype(default)
+    state = quantization.load(folder)
+    names = {name: official_key(f"thinker.{name}") for name in thinker.state_dict()}
+    missing = sorted(saved for saved in names.values() if saved not in state)
+    if missing:
+        raise CheckpointError(f"{folder}: {quantization.WEIGHTS_FILE} lacks {len(missing)} weights, like {missing[0]}")
+    thinker.load_state_dict({name: state[saved] for name, saved in names.items()}, assign=True)
+    return thinker.to(device).eval()
+
+
+def write_quantized(source: str | Path, folder: str | Path, quant: str, device: torch.device) -> Path:
+    """`acecap quantize`: load a checkpoint quantized onto `device` and write it as a folder that loads as it is.
+
+    int4's packing is the device kind's own (CUDA's tinygemm tiles, the CPU's), so the folder is for that kind.
+    """
+    from importlib.metadata import version
+
+    if quantization.prequantized(source):
+        raise quantization.QuantError(f"{source} is already quantized: quantize the original checkpoint")
+    if quant == "none":
+        raise quantization.QuantError("acecap quantize needs --quant int8, int4 or fp8")
+    if Path(folder).resolve() == Path(source).resolve():
+        raise quantization.QuantError("write the quantized folder beside the checkpoint, not over it")
+    quantization.check(quant, device, torch.bfloat16)
+    thinker = load_thinker(source, device, torch.bfloat16, quant)
+    info = {"quant": quant, "device_type": device.type, "dtype": "bf16", "torchao": version("torchao"),
+            "source": str(source)}  # fmt: skip
+    return save_prequantized(thinker, source, folder, info)
+
+
+def save_prequantized(thinker: AudioThinker, source: str | Path, folder: str | Path, info: dict) -> Path:
+    """Write a loaded (quantized) thinker as a pre-quantized folder, under the checkpoint's own names."""
+    from .tiny import official_key
+
+    state = {official_key(f"thinker.{name}"): tensor for name, tensor in thinker.state_dict().items()}
+    return quantization.save(state, source, folder, info)
+
+
 def load_processor(folder: str | Path) -> Qwen2_5OmniProcessor:
-    return Qwen2_5OmniProcessor.from_pretrained(folder)
+    with quiet_config_checks():  # the tokenizer's loader reads the whole config.json
+        return Qwen2_5OmniProcessor.from_pretrained(folder)
 
 
 def render_prompt(processor: Qwen2_5OmniProcessor, prompt: str) -> str:
@@ -97,14 +194,34 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def resident_parameters(folder: str | Path) -> int:
-    """Parameters AudioThinker will hold, read from the checkpoint's safetensors headers (no weights read)."""
+VISION = re.compile(r"(^|\.)visual\.")
+
+
+def checkpoint_shapes(folder: str | Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each tensor AudioThinker holds, read from the checkpoint's safetensors headers.
+
+    A full checkpoint's thinker.* tensors, or all of a thinker-only checkpoint's; never the vision tower's.
+    No weights are read.
+    """
     from safetensors import safe_open
 
-    total = 0
+    shapes = []
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(shard, "pt") as weights:
             for key in weights.keys():
-                if key.startswith("thinker.") and not key.startswith("thinker.visual."):
-                    total += math.prod(weights.get_slice(key).get_shape())
-    return total
+                shapes.append((key, tuple(weights.get_slice(key).get_shape())))
+    if any(name.startswith("thinker.") for name, _ in shapes):
+        shapes = [(name, shape) for name, shape in shapes if name.startswith("thinker.")]
+    return [(name, shape) for name, shape in shapes if not VISION.search(name)]
+
+
+def resident_parameters(folder: str | Path) -> int:
+    """Parameters AudioThinker will hold, read from the checkpoint's safetensors headers (no weights read)."""
+    return sum(math.prod(shape) for _, shape in checkpoint_shapes(folder))
+
+
+def resident_bytes(folder: str | Path, quant: str, dtype: torch.dtype, device_type: str) -> int:
+    """Bytes the thinker's weights take on a device kind once loaded from `folder` with `quant`."""
+    if quantization.prequantized(folder):
+        return (Path(folder) / quantization.WEIGHTS_FILE).stat().st_size
+    return quantization.resident_bytes(checkpoint_shapes(folder), quant, dtype, device_type)

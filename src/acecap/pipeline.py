@@ -49,7 +49,8 @@ HEADER = 8  # a message's length, ahead of its pickled bytes
 # A worker imports acecap's audio modules without running the package's __init__, which loads torch and
 # transformers (~1.5 s and ~1 GB per process): the package is registered as an empty module first.
 _WORKER = """
-import sys, types
+import signal, sys, types
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: Ctrl-C is the parent's, even while this one starts
 package = types.ModuleType("acecap")
 package.__path__ = [sys.argv[1]]
 sys.modules["acecap"] = package
@@ -74,16 +75,18 @@ def identity_of(item: Item) -> dict:
     """The file's identity for its record; a file that cannot be stat'ed keeps its path only."""
     try:
         return file_identity(item.path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a name from a manifest
         return {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
 
 
-def decode_item(item: Item, options: dict | None = None) -> Decoded:
-    """Decode one file with `load_audio(path, **options)`; any failure becomes the Decoded's error."""
+def decode_item(item: Item, max_seconds: float | None = None, allow_partial: bool = False) -> Decoded:
+    """The file's first `max_seconds` as a clip, or why it cannot be used."""
     start = time.perf_counter()
     identity = identity_of(item)
+    if item.error:
+        return Decoded(item, identity, None, item.error, 0.0)
     try:
-        clip = load_audio(item.path, **(options or {}))
+        clip = load_audio(item.path, max_seconds, allow_partial)
     except AudioError as error:
         return Decoded(item, identity, None, str(error), time.perf_counter() - start)
     except Exception as error:  # a decoder bug on one file must not end the run
@@ -151,7 +154,7 @@ class Pipeline:
     """Worker processes that decode files for one consumer (an annotate worker, a Ray actor)."""
 
     def __init__(self, workers: int, options: dict | None = None, timeout_s: float = DECODE_TIMEOUT_S):
-        """`options`: keyword arguments for every `load_audio` call (how much to decode, and so on)."""
+        """`options`: keyword arguments of `decode_item` for every file (max_seconds, allow_partial)."""
         if workers < 1:
             raise ValueError("--decode-workers must be at least 1")
         self.size, self.options, self.timeout_s = workers, options or {}, timeout_s
@@ -229,6 +232,7 @@ class Pipeline:
         while not stop.is_set():
             while len(self.workers) < self.size:
                 self.workers.append(_Worker())
+            unusable = []  # items discovery already failed: their error, with nothing to decode
             for worker in self.workers:
                 while len(worker.tasks) < DEPTH and (retry or not exhausted):
                     if retry:
@@ -238,8 +242,12 @@ class Pipeline:
                         if item is None:
                             exhausted = True
                             break
+                        if item.error:
+                            unusable.append(decode_item(item))
+                            continue
                         task, count = _Task(count, item), count + 1
                     worker.send(task, self.options)
+            yield from unusable
             if not any(worker.tasks for worker in self.workers):
                 return
             yield from self._collect(retry)
@@ -323,7 +331,7 @@ def serve(fd: int, parent: int) -> None:
         if received is None:
             return  # the parent has gone
         (index, path, options), _ = received
-        decoded = decode_item(Item(Path(path), Path(path)), options)
+        decoded = decode_item(Item(Path(path), Path(path)), **options)
         message = {"index": index, "identity": decoded.identity, "error": decoded.error,
                    "audio_s": decoded.audio_s, "clip": None, "samples": 0}  # fmt: skip
         fds = []

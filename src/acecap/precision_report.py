@@ -90,16 +90,14 @@ def _semantic(generation: dict) -> str:
 
 
 def _plots(results: list[dict], output_dir: Path) -> None:
-    import matplotlib
+    from . import plotting
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plotting.pyplot()
     figure, towers = pyplot.subplots(1, 2, figsize=(11, 4))
     for axes, prefix, title in ((towers[0], "encoder.", "audio encoder"), (towers[1], "llm.", "language model")):
         for r in results:
             cosines = [layer["cosine"] for layer in r["layers"] if layer["name"].startswith(prefix)]
-            axes.plot(range(len(cosines)), cosines, marker=".", label=r["clip"])
+            axes.plot(range(len(cosines)), cosines, marker=".", label=plotting.label(r["clip"]))
         axes.axhline(0.99, color="grey", linestyle="--", linewidth=0.8)
         axes.set(title=f"{title}: cosine per layer", xlabel="layer", ylabel="cosine similarity")
         axes.xaxis.get_major_locator().set_params(integer=True)
@@ -109,7 +107,7 @@ def _plots(results: list[dict], output_dir: Path) -> None:
     pyplot.close(figure)
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for r in results:
-        axes.plot(r["teacher_forced"]["kl_per_step"], label=r["clip"])
+        axes.plot(r["teacher_forced"]["kl_per_step"], label=plotting.label(r["clip"]))
     axes.set(title="KL(reference ‖ candidate) per generated step", xlabel="step", ylabel="KL (nats)")
     axes.legend(fontsize="small")
     figure.tight_layout()

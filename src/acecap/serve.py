@@ -1,8 +1,10 @@
 """`acecap serve`: the Captioner behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
 
-Requests are checked and their audio decoded on the event loop's worker threads; the Batcher's single
-thread owns the device and captions whatever has gathered as one batch. Answers come back to the loop
-through futures (and, when streaming, a queue of tokens).
+Requests are checked and their audio decoded on the event loop's worker threads; files and URLs are read
+on workers of their own, within a deadline, so a slow source cannot hold the threads other requests need.
+Every request is checked whole (settings, text, audio, its fit in the context) before it joins a batch.
+The Batcher's single thread owns the device and captions whatever has gathered as one batch. Answers come
+back to the loop through futures (and, when streaming, a queue of tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
@@ -23,12 +26,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import batching
+from .audio import Clip
 from .batching import Batcher, QueueFull
 from .captioner import DEFAULT_MAX_DURATION, Result
-from .chat import APIError, AudioAccess, chunk, completion, fetch_audio, finish_reason, parse_chat, usage
+from .chat import APIError, chunk, completion, finish_reason, parse_chat, usage
+from .fetch import AudioAccess, fetch_audio, reaches_out, too_slow
 from .generate import Decoding
+from .hub import served_name
+from .prompts import PromptRules
 
 log = logging.getLogger("acecap")
 COMPLETIONS = "/v1/chat/completions"
@@ -39,6 +47,7 @@ class ServeConfig:
     """The server's limits; every one has a flag of the same name in `acecap serve`."""
 
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1/* when set
+    served_model_name: tuple[str, ...] = ()  # names requests may use, the first listed; () : served_name(model)
     max_batch_size: int | None = None  # None: annotate's default (32 on a CPU, 64 on an accelerator)
     max_wait_ms: float = 10.0  # how long an idle device waits for more requests to batch with the first
     max_queue: int = 256  # requests waiting for the device beyond this get 503
@@ -46,7 +55,12 @@ class ServeConfig:
     max_duration: float = DEFAULT_MAX_DURATION  # audio longer than this (s) gets 413
     max_new_tokens: int = 512  # default and cap for a request's max_tokens
     timeout_s: float = 600.0  # from arrival to the last token; then 504
+    fetch_workers: int = 32  # threads reading file:// and http(s) audio, apart from the shared ones
     access: AudioAccess = field(default_factory=AudioAccess)
+
+    def __post_init__(self) -> None:
+        if self.fetch_workers < 1:
+            raise ValueError("--fetch-workers must be at least 1")
 
 
 class _Metrics:
@@ -90,11 +104,51 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:
+        raise APIError(400, "the client went away before its request body was complete") from None
     return bytes(body)
+
+
+def _json(body: bytes):
+    """The decoded body; anything json refuses (syntax, encoding, nesting, a 5,000-digit number) is a 400."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, the int digits limit
+        raise APIError(400, f"the request body is not valid JSON: {error}") from None
+
+
+def _internal(error: BaseException) -> APIError:
+    """An unexpected failure, answered in the OpenAI shape; the details go to the server's log only."""
+    log.error("request failed", exc_info=error)
+    return APIError(500, f"internal server error ({type(error).__name__}); the server's log has the details",
+                    kind="server_error")  # fmt: skip
+
+
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _audio(source: tuple[str, str], access: AudioAccess, fetch_pool: ThreadPoolExecutor,
+                 max_seconds: float) -> Clip:  # fmt: skip
+    """The request's audio, at most `max_seconds` of it decoded: carried in the request, decoded on the shared
+    workers; from a file or URL, read on the fetch workers within --fetch-timeout (a source that never ends
+    holds only its own worker)."""
+    if not reaches_out(source):
+        return await asyncio.to_thread(fetch_audio, source, access, None, max_seconds)
+    deadline = time.monotonic() + access.timeout_s
+    reading = asyncio.get_running_loop().run_in_executor(fetch_pool, fetch_audio, source, access, deadline,
+                                                         max_seconds)  # fmt: skip
+    try:
+        return await asyncio.wait_for(reading, access.timeout_s)
+    except asyncio.TimeoutError:
+        raise too_slow(access) from None
 
 
 def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
@@ -113,31 +167,46 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
     )
     metrics = _Metrics(batcher)
     batcher.on_batch = metrics.batch
-    model_id = str(captioner.model_name)
+    names = config.served_model_name or (served_name(str(captioner.model_name)),)
+    model_id = names[0]
     tokenizer = captioner.processor.tokenizer
+    rules = PromptRules.of(captioner)
+    fetch_pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="acecap-fetch")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
+        fetch_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(batcher.stop)  # after uvicorn has let in-flight requests finish
 
-    app = FastAPI(title="acecap", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: the generated schema would document nothing (the endpoints read raw
+    # bodies in OpenAI's shape, which the README documents) and the pages load their scripts from a CDN.
+    app = FastAPI(title="acecap", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next) -> Response:
-        """Every answer, refusals included, carries the caller's X-Request-Id (or a new one) for matching."""
-        response = await call_next(request)
+        """Every answer, refusals included, carries the caller's X-Request-Id (or a new one) for matching;
+        an unexpected failure outside the chat endpoint is still answered in the OpenAI shape and counted."""
+        try:
+            response = await call_next(request)
+        except Exception as failure:
+            error = _internal(failure)
+            metrics.errors.labels(error.kind).inc()
+            response = _error(error)
         response.headers["X-Request-Id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
         return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        metrics.errors.labels(error.kind).inc()  # the chat endpoint answers its own errors; these are the others'
+        return _error(error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+        answer = APIError(error.status_code, str(error.detail), kind="not_found_error" if error.status_code == 404
+                          else "invalid_request_error")  # fmt: skip
+        return await api_error(request, answer)
 
     def check_key(request: Request) -> None:
         if config.api_key is None:
@@ -162,24 +231,31 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
                  "max_model_len": captioner.context}  # fmt: skip
         return {"object": "list", "data": [entry]}
 
+    async def checked(request: Request) -> tuple:
+        """The request, parsed and checked whole, with its audio: everything that could fail it in a batch."""
+        check_key(request)
+        body = await _read_body(request, int(config.max_body_mb * 2**20))
+        # Off the event loop: a body may hold 100 MB of base64, a prompt 100 MB of text.
+        parsed = parse_chat(await asyncio.to_thread(_json, body), config.max_new_tokens)
+        if parsed.model is not None and parsed.model not in names:
+            raise APIError(404, f"model {parsed.model[:100]!r} is not served here; this server has {model_id!r}",
+                           kind="not_found_error", param="model")  # fmt: skip
+        max_tokens = parsed.decoding.max_new_tokens
+        text_tokens = await asyncio.to_thread(rules.text_tokens, parsed.prompt, max_tokens)
+        # Decodes at most --max-duration; the clip's duration is the whole audio's, from its header.
+        clip = await _audio(parsed.audio, config.access, fetch_pool, config.max_duration)
+        if clip.duration > config.max_duration:
+            raise APIError(413, f"the audio is {clip.duration:.1f} s long; this server takes at most "
+                           f"{config.max_duration:g} s (--max-duration)")  # fmt: skip
+        rules.check_total(text_tokens, len(clip.samples), max_tokens)
+        return parsed, clip
+
     @app.post(COMPLETIONS)
     async def chat(request: Request) -> Response:
         started = time.monotonic()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            check_key(request)
-            body = await _read_body(request, int(config.max_body_mb * 2**20))
-            try:  # off the event loop: a body may hold 100 MB of base64
-                parsed = parse_chat(await asyncio.to_thread(json.loads, body), config.max_new_tokens)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise APIError(400, f"the request body is not valid JSON: {error}") from None
-            if parsed.model is not None and parsed.model != model_id:
-                raise APIError(404, f"model {parsed.model!r} is not served here; this server has {model_id!r}",
-                               kind="not_found_error", param="model")  # fmt: skip
-            clip = await asyncio.to_thread(fetch_audio, parsed.audio, config.access)
-            if clip.duration > config.max_duration:
-                raise APIError(413, f"the audio is {clip.duration:.1f} s long; this server takes at most "
-                               f"{config.max_duration:g} s (--max-duration)")  # fmt: skip
+            parsed, clip = await checked(request)
             answers: asyncio.Queue = asyncio.Queue()  # tokens (when streaming), then the Result or error text
             loop = asyncio.get_running_loop()
             job = batching.Request(
@@ -196,23 +272,21 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
             except QueueFull:
                 raise APIError(503, f"the server is busy ({config.max_queue} requests waiting); retry shortly",
                                kind="overloaded_error", headers={"Retry-After": "1"}) from None  # fmt: skip
-        except APIError as error:
-            metrics.answered(error.status, started, error.kind)
-            raise
-        deadline = started + config.timeout_s
-        if parsed.stream:
-            stream = _stream(job, answers, deadline, request_id, model_id, tokenizer, captioner.end_ids,
-                             parsed.include_usage, metrics, started)  # fmt: skip
-            return StreamingResponse(stream, media_type="text/event-stream")
-        try:
+            deadline = started + config.timeout_s
+            if parsed.stream:
+                stream = _stream(job, answers, deadline, request_id, model_id, tokenizer, captioner.end_ids,
+                                 parsed.include_usage, metrics, started)  # fmt: skip
+                return StreamingResponse(stream, media_type="text/event-stream")
             result = await _next(answers, deadline, job)
             if isinstance(result, str):
                 raise APIError(500, f"captioning failed: {result}", kind="server_error")
-        except APIError as error:
+            answer = JSONResponse(completion(request_id, model_id, result))
+        except Exception as failure:
+            error = failure if isinstance(failure, APIError) else _internal(failure)
             metrics.answered(error.status, started, error.kind)
-            raise
+            return _error(error)
         metrics.answered(200, started, result=result)
-        return JSONResponse(completion(request_id, model_id, result))
+        return answer
 
     return app
 
@@ -253,7 +327,8 @@ async def _stream(job, answers, deadline, request_id, model, tokenizer, end_ids,
                 sent = text
         if isinstance(item, str):
             raise APIError(500, f"captioning failed: {item}", kind="server_error")
-    except APIError as error:
+    except Exception as failure:  # the status line is sent: the error goes out as the stream's last event
+        error = failure if isinstance(failure, APIError) else _internal(failure)
         metrics.answered(error.status, started, error.kind)
         yield _sse(error.body())
         yield "data: [DONE]\n\n"

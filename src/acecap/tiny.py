@@ -254,9 +254,10 @@ def random_thinker(shape: str, device: torch.device, dtype: torch.dtype, seed: i
     """An AudioThinker of `shape` with random weights, built straight on `device` in `dtype` (no files)."""
     from transformers import Qwen2_5OmniThinkerConfig
 
-    from .model import AudioThinker
+    from .model import AudioThinker, quiet_config_checks
 
-    config = Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"])
+    with quiet_config_checks():
+        config = Qwen2_5OmniThinkerConfig(**full_config(shape)["thinker_config"])
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -281,8 +282,11 @@ def write_tiny(folder: str | Path, seed: int = 0, shape: str = "tiny", device: s
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-    _tokenizer_files(folder)
-    _weights(folder, config, seed, device)
+    from .model import quiet_config_checks
+
+    with quiet_config_checks():  # the configs are the released layout's; transformers warns about its talker
+        _tokenizer_files(folder)
+        _weights(folder, config, seed, device)
     return folder
 
 

@@ -1,0 +1,299 @@
+"""Reviews: the labels a person checked and corrected, kept beside the machine's records.
+
+`OUT/reviews.jsonl` is append-only, one line per save: the record path, whether the labels were approved,
+and every reviewed field as the person left it. The latest line per file wins and annotations.jsonl is
+never touched. A save also goes into the ACE-Step files that already exist for the song (its sidecars at
+once, OUT/dataset.csv and OUT/dataset.json in the background), and `annotate -f ...` applies reviews over
+records, so a re-run of annotate keeps every edit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .acestep import CSV_HEADER, Song, csv_row, dataset_sample, export, write_sidecars
+from .lyrics import INSTRUMENTAL
+from .records import RecordPaths, _read, latest_per_input, load_records
+from .writers import append_lines, atomic_write, to_json
+
+log = logging.getLogger("acecap")
+
+REVIEWS = "reviews.jsonl"
+FIELDS = ("caption", "lyrics", "bpm", "keyscale", "timesignature", "language", "is_instrumental")
+EXPORTS = ("approved", "all")  # which songs `acecap review OUT --export` writes
+BPM_RANGE = (30, 300)  # what ACE-Step 1.5 generates; a value outside is a typo
+TEXT_LIMIT = 20_000  # characters: far above a caption (256 tokens in training) or a song's lyrics
+KEYSCALE = re.compile(r"^([a-g])([#b♯♭]?)\s*(major|minor|maj|min)$", re.IGNORECASE)
+TIMESIGNATURE = re.compile(r"^([1-9]|1[0-6])(/(1|2|4|8|16))?$")
+LANGUAGE = re.compile(r"^([a-z]{2,3}(-[a-z0-9]{2,8})?|unknown)$")
+# The dataset JSON keys a review decides; the rest of a sample (id, genre, custom_tag, ...) is left alone.
+SAMPLE_KEYS = ("caption", "lyrics", "formatted_lyrics", "bpm", "keyscale", "timesignature", "language",
+               "is_instrumental", "labeled")  # fmt: skip
+
+
+def audio_path(record: dict) -> Path:
+    """The audio file a record (or review) describes: the one place review reads a record's path."""
+    return Path(record["path"])
+
+
+def load_reviews(folder: Path) -> dict[str, dict]:
+    """The latest review of each file (by record path); a line that is not a review is skipped, loudly."""
+    path = Path(folder) / REVIEWS
+    paths = RecordPaths.of(folder)
+    latest: dict[str, dict] = {}
+    for number, review in enumerate(_read(path) if path.is_file() else [], 1):
+        if not (isinstance(review, dict) and isinstance(review.get("path"), str)
+                and isinstance(review.get("fields"), dict)):  # fmt: skip
+            log.warning("%s: review %d is not {path, approved, fields}; skipped", path, number)
+            continue
+        review = paths.from_disk(review, path)
+        latest[review["path"]] = review
+    return latest
+
+
+def reviewed_fields(folder: Path) -> dict[str, dict]:
+    """Record path → the fields its latest review holds: what ACE-Step exports put over the records."""
+    return {path: review["fields"] for path, review in load_reviews(folder).items()}
+
+
+def _text(key: str, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: must be text")
+    if len(value) > TEXT_LIMIT:
+        raise ValueError(f"{key}: longer than {TEXT_LIMIT} characters")
+    return value.strip() or None
+
+
+def _bpm(value) -> int | None:
+    if value is None or value == "":
+        return None
+    number = value
+    if isinstance(value, str):
+        number = float(value) if re.fullmatch(r"\s*\d+(\.0*)?\s*", value) else None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number % 1:
+        raise ValueError(f"bpm: {value!r} is not a whole number")
+    if not BPM_RANGE[0] <= number <= BPM_RANGE[1]:
+        raise ValueError(f"bpm: {int(number)} is outside {BPM_RANGE[0]}-{BPM_RANGE[1]}")
+    return int(number)
+
+
+def _keyscale(value) -> str | None:
+    text = _text("keyscale", value)
+    if text is None:
+        return None
+    match = KEYSCALE.match(text)
+    if not match:
+        raise ValueError(f"keyscale: {text!r} is not a key like 'C major' or 'F# minor'")
+    note, accidental, mode = match.groups()
+    accidental = {"♯": "#", "♭": "b", "B": "b"}.get(accidental, accidental)
+    return f"{note.upper()}{accidental} {'major' if mode.lower().startswith('maj') else 'minor'}"
+
+
+def _timesignature(value) -> str | None:
+    text = _text("timesignature", None if value is None else str(value))
+    if text is not None and not TIMESIGNATURE.match(text):
+        raise ValueError(f"timesignature: {text!r} is not beats per bar (3, 4) or a metre (6/8)")
+    return text
+
+
+def _language(value) -> str | None:
+    text = _text("language", value)
+    if text is not None and not LANGUAGE.match(text.lower()):
+        raise ValueError(f"language: {text!r} is not an ISO code (en, zh, pt-br) or 'unknown'")
+    return None if text is None else text.lower()
+
+
+def check_fields(given: dict, current: dict) -> dict:
+    """`current` with the person's `given` fields, each checked and written the way ACE-Step reads it.
+
+    Raises ValueError naming the field and the reason, so bad input never lands in a dataset."""
+    if not isinstance(given, dict):
+        raise ValueError("fields: must be an object")
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}: the fields are {', '.join(FIELDS)}")
+    fields = {key: current.get(key) for key in FIELDS}
+    checks = {"caption": lambda v: _text("caption", v), "lyrics": lambda v: _text("lyrics", v), "bpm": _bpm,
+              "keyscale": _keyscale, "timesignature": _timesignature, "language": _language}  # fmt: skip
+    for key, value in given.items():
+        if key == "is_instrumental":
+            if value is not None and not isinstance(value, bool):
+                raise ValueError("is_instrumental: must be true or false")
+            fields[key] = value
+        else:
+            fields[key] = checks[key](value)
+    if fields["is_instrumental"] and fields["lyrics"] is None:
+        fields["lyrics"] = INSTRUMENTAL  # what ACE-Step expects of a song without words
+    return fields
+
+
+def changes(fields: dict, before: dict) -> dict:
+    """The fields whose value differs from `before` (text compared as check_fields writes it: stripped)."""
+    plain = {key: value.strip() or None if isinstance(value, str) else value for key, value in before.items()}
+    return {key: value for key, value in fields.items() if value != plain.get(key)}
+
+
+def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict:
+    """Add one review line (whole, flushed to disk) and return it."""
+    review = {
+        "path": path,
+        "approved": approved,
+        "fields": {key: fields[key] for key in FIELDS},
+        "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    append_lines(Path(folder) / REVIEWS, [to_json(RecordPaths.of(folder).to_disk(review))])  # path as records store it
+    return review
+
+
+def write_sidecar_changes(song: Song, changed: dict) -> list[Path]:
+    """The fields a person changed, into the song's sidecars (replacing what is there), if it has any:
+    making sidecars is annotate -f acestep's choice. The paths written."""
+    if not changed:
+        return []
+    base = song.audio.with_suffix("")
+    caption, lyrics, sidecar = (base.with_name(base.name + s) for s in (".caption.txt", ".lyrics.txt", ".json"))
+    if not (caption.is_file() or lyrics.is_file() or sidecar.is_file()):
+        return []
+    values = {key: value for key, value in changed.items() if value is not None}
+    written = write_sidecars(Song(song.audio, Path(song.audio.name), **values), None, overwrite=True)
+    for key, path in (("caption", caption), ("lyrics", lyrics)):
+        if key in changed and changed[key] is None and path.is_file():
+            atomic_write(path, "")  # cleared by the person: kept empty, so annotate does not refill it
+            written.append(path)
+    cleared = [key for key, value in changed.items() if value is None]
+    if cleared and sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return written  # write_sidecars has warned about it
+        if isinstance(data, dict) and any(key in data for key in cleared):
+            kept = {key: value for key, value in data.items() if key not in cleared}
+            atomic_write(sidecar, to_json(kept, indent=2) + "\n")
+            written.append(sidecar)
+    return written
+
+
+def _update_csv(path: Path, songs: list[Song]) -> None:
+    """The songs' rows of an existing dataset.csv, replaced; a name the table holds twice is left alone."""
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    if not rows or rows[0] != CSV_HEADER:
+        log.warning("%s: not a File, BPM, Key, Caption table; not changed", path)
+        return
+    where: dict[str, list[int]] = {}
+    for index, row in enumerate(rows[1:], 1):
+        if row:
+            where.setdefault(row[0], []).append(index)
+    for song in songs:
+        row = csv_row(song)
+        found = where.get(row[0], [])
+        if len(found) > 1:
+            log.warning("%s: %d rows name %s; not changed (edit it by hand)", path, len(found), row[0])
+        elif found:
+            rows[found[0]] = [str(value) for value in row]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    atomic_write(path, buffer.getvalue())
+
+
+def _update_dataset(path: Path, songs: list[Song]) -> None:
+    """The songs' samples in an existing dataset JSON, their reviewed keys replaced."""
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+        samples = dataset["samples"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        log.warning("%s: not an ACE-Step dataset file; not changed", path)
+        return
+    new = {str(song.audio): dataset_sample(song, 0) for song in songs}
+    for sample in samples:
+        if sample.get("audio_path") in new:
+            sample.update({key: new[sample["audio_path"]][key] for key in SAMPLE_KEYS})
+    dataset.setdefault("metadata", {})["all_instrumental"] = all(s.get("is_instrumental") for s in samples)
+    atomic_write(path, to_json(dataset, indent=2) + "\n")
+
+
+class DatasetFiles:
+    """Carries saves into OUT/dataset.csv and OUT/dataset.json, where they exist, from a background thread:
+    rewriting the files of 100,000 songs takes seconds, so a save never waits for it, and the saves that
+    arrive meanwhile are written together. close() writes whatever is still pending."""
+
+    NAMES = (("dataset.csv", _update_csv), ("dataset.json", _update_dataset))
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._pending: dict[str, Song] = {}
+        self._busy = self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="acecap-dataset-files", daemon=True)
+        self._thread.start()
+
+    def add(self, song: Song) -> list[str]:
+        """Queue the song's new values; the names of the files they will go into."""
+        names = [name for name, _ in self.NAMES if (self.folder / name).is_file()]
+        if names:
+            with self._changed:
+                self._pending[str(song.audio)] = song
+                self._changed.notify_all()
+        return names
+
+    def wait(self) -> None:
+        """Return once everything added so far is written."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending and not self._busy)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                songs, self._pending, self._busy = list(self._pending.values()), {}, True
+            try:
+                for name, update in self.NAMES:
+                    if (self.folder / name).is_file():
+                        update(self.folder / name, songs)
+            except (OSError, ValueError) as error:  # the reviews themselves are saved; annotate -f rewrites these
+                log.warning("%s: could not update the dataset files: %s", self.folder, error)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+
+def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None
+                    ) -> tuple[list[Path], list[tuple[str, str]]]:  # fmt: skip
+    """The ACE-Step `formats` for the approved songs (`which="approved"`) or all of them, reviews applied: the
+    paths written, and (path, reason) for each that could not be.
+
+    Sidecars go beside each song (values already in them are kept, as annotate does); dataset.csv and
+    dataset.json into `output_dir` (default `folder`)."""
+    if which not in EXPORTS:
+        raise ValueError(f"--export {which!r}: use {' or '.join(EXPORTS)}")
+    if not formats:
+        raise ValueError("--export needs at least one -f: acestep, csv or acestep-dataset")
+    reviews = load_reviews(folder)
+    records = latest_per_input(load_records(Path(folder)))
+    if not records:
+        raise ValueError(f"{folder}: no annotate records here (annotations.jsonl); run acecap annotate first")
+    if which == "approved":
+        records = [r for r in records if reviews.get(r["path"], {}).get("approved")]
+        if not records:
+            raise ValueError(f"no song of {folder} is approved yet: approve some in `acecap review {folder}` first")
+    relative = {r["path"]: Path(audio_path(r).name) for r in records}
+    fields = {path: review["fields"] for path, review in reviews.items()}
+    return export(records, relative, formats, Path(output_dir or folder), reviews=fields)

@@ -1,0 +1,283 @@
+"""Tempo and time signature from the signal: onset envelopes, periodicity, beats, metrical level, metre.
+
+The classic failures of onset-based tempo are octave errors: eighth-note hi-hats make the grid at twice the
+tempo look as regular as the beat, and a kick on 1 and 3 makes the grid at half the tempo look as strong.
+Following Goto (2001), the beat is decided from where the kick and the snare fall, not the hi-hats: a
+percussive/harmonic split (FitzGerald 2010) of a log-mel spectrogram gives separate onset envelopes for
+the low band (kick), the middle (snare, claps) and the top (hi-hats, cymbals), plus the bass line's onsets
+for music without drums. The periodicity of their sum under a log-normal tempo prior (as librosa's) gives
+a first period; of it and its relatives (×⅓, ×½, ×⅔, ×3/2, ×2, ×3) the beat is the level whose points all
+carry the accents while the points between them do not, near the tempi people tap, and where the snare
+alternates from beat to beat. The tempo is then the slope of the tracked beats (drift
+averages out), and the metre comes from how beats subdivide (2 or 3) and group (3 or 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+
+HOP = 256  # 16 ms at 16 kHz
+FPS = SAMPLE_RATE / HOP
+N_FFT = 1024
+N_MELS = 48
+LOW_HZ, HIGH_HZ = 160.0, 3000.0  # below: kick and bass; above: hi-hats and cymbals
+TEMPO_RANGE = (40.0, 240.0)
+PRIOR_BPM, PRIOR_OCTAVES = 100.0, 1.0  # a broad log-normal prior over felt tempi
+RATIOS = (1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0)  # the metrical relatives of a first period
+SUBDIVISIONS = (0.0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4)  # where in a beat the accents are sampled
+COMPOUND_THRESHOLD = 0.1  # log ratio of onsets at a beat's thirds to those at its halves: clearly more at thirds
+WEIGHTS = {"prior": 1.0, "uniform": 1.0, "between": 0.25, "periodic": 1.0, "backbeat": 2.0}
+
+
+@dataclass
+class Envelopes:
+    """Onset strength per frame at FPS frames per second, each scaled to unit mean."""
+
+    full: np.ndarray  # every band, unseparated
+    kick: np.ndarray  # percussive, below LOW_HZ
+    snare: np.ndarray  # percussive, LOW_HZ to HIGH_HZ
+    hats: np.ndarray  # above HIGH_HZ
+    bass: np.ndarray  # harmonic, below LOW_HZ: the bass line's notes
+    tonal: np.ndarray  # harmonic, above LOW_HZ: chords and melody
+
+    @property
+    def accent(self) -> np.ndarray:
+        """What a beat carries: kick, snare, the bass line and chord or melody notes, not hi-hats; compressed,
+        as loudness is, so that a beat with some accent counts nearly as much as one with a loud one."""
+        return np.log1p((self.kick + self.snare + 0.5 * self.bass + self.tonal) / 4.0)
+
+    @property
+    def voices(self) -> np.ndarray:
+        """The separated voices whose periodicity gives the first period."""
+        return self.kick + self.snare + self.bass + 0.5 * self.tonal
+
+    @property
+    def onsets(self) -> np.ndarray:
+        """Everything that marks time, to follow beats with and to time them by."""
+        return self.full + self.voices
+
+
+@dataclass(frozen=True)
+class Level:
+    """One candidate beat period: its tracked beats and how well it explains the accents."""
+
+    lag: float  # frames per beat
+    beats: np.ndarray  # frames
+    score: float
+
+
+@dataclass(frozen=True)
+class Rhythm:
+    bpm: float | None
+    bpm_confidence: float
+    beats_per_bar: int | None  # 4, 3, or 6 for compound metre (6/8: bpm counts dotted quarters)
+    metre_confidence: float
+    beats: np.ndarray  # frames at FPS
+
+
+def envelopes(samples: np.ndarray) -> Envelopes:
+    import librosa
+    from scipy.ndimage import median_filter
+
+    spectrum = np.abs(librosa.stft(samples, n_fft=N_FFT, hop_length=HOP, center=True))
+    mel = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=30.0, fmax=SAMPLE_RATE / 2)
+    bands = np.log1p(100.0 * (mel @ spectrum) / (spectrum.max() + 1e-9))
+    # FitzGerald's split: percussion is smooth across frequency, pitched sound across time.
+    across_time = median_filter(bands, size=(1, 9), mode="nearest")
+    across_bands = median_filter(bands, size=(7, 1), mode="nearest")
+    percussive = bands * across_bands**2 / (across_bands**2 + across_time**2 + 1e-9)
+    harmonic = bands - percussive
+    centres = librosa.mel_frequencies(n_mels=N_MELS + 2, fmin=30.0, fmax=SAMPLE_RATE / 2)[1:-1]
+    low, high = centres < LOW_HZ, centres >= HIGH_HZ
+    middle = ~low & ~high
+
+    def flux(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        rise = np.maximum(0.0, np.diff(x[rows], axis=1, prepend=x[rows][:, :1])).sum(axis=0)
+        return rise / (rise.mean() + 1e-9)
+
+    everything = np.ones(N_MELS, dtype=bool)
+    return Envelopes(
+        full=flux(bands, everything),
+        kick=flux(percussive, low),
+        snare=flux(percussive, middle),
+        hats=flux(bands, high),
+        bass=flux(harmonic, low),
+        tonal=flux(harmonic, ~low),
+    )
+
+
+def _detrended(envelope: np.ndarray) -> np.ndarray:
+    """The envelope less its running mean over a second: periodicity, not loudness."""
+    width = int(FPS)
+    running = np.convolve(envelope, np.ones(width) / width, mode="same")
+    return np.maximum(0.0, envelope - running)
+
+
+def autocorrelation(envelope: np.ndarray) -> np.ndarray:
+    x = _detrended(envelope)
+    x = x - x.mean()
+    n = len(x)
+    spectrum = np.fft.rfft(x, 2 * n)
+    acf = np.fft.irfft(np.abs(spectrum) ** 2)[:n]
+    acf /= np.arange(n, 0, -1)  # unbiased: long lags are averaged over fewer frames
+    return acf / (acf[0] + 1e-9)
+
+
+def _peak_lag(acf: np.ndarray, lag: float, spread: float = 0.06) -> float:
+    """The ACF's highest point within ±spread of lag, interpolated between frames."""
+    low, high = max(2, int(lag * (1 - spread))), min(len(acf) - 2, int(np.ceil(lag * (1 + spread))))
+    if high < low:
+        return lag
+    best = low + int(np.argmax(acf[low : high + 1]))
+    a, b, c = acf[best - 1], acf[best], acf[best + 1]
+    curvature = a - 2 * b + c
+    return best + (float(np.clip(0.5 * (a - c) / curvature, -0.5, 0.5)) if curvature < 0 else 0.0)
+
+
+def _bpm(lag: float) -> float:
+    return 60.0 * FPS / lag
+
+
+def first_period(acf: np.ndarray) -> float:
+    """The lag (frames) of the strongest periodicity in the tempo range, under the prior."""
+    lags = np.arange(int(_bpm(TEMPO_RANGE[1])), min(len(acf) - 1, int(_bpm(TEMPO_RANGE[0])) + 1))
+    prior = np.exp(-0.5 * (np.log2(_bpm(lags) / PRIOR_BPM) / PRIOR_OCTAVES) ** 2)
+    best = lags[int(np.argmax(np.maximum(acf[lags], 0) * prior))]
+    return _peak_lag(acf, float(best), 0.02)
+
+
+def track(envelope: np.ndarray, lag: float) -> np.ndarray:
+    """Beat frames following `envelope` at about one beat per `lag` frames (dynamic programming, Ellis 2007)."""
+    import librosa
+
+    _, beats = librosa.beat.beat_track(
+        onset_envelope=envelope, sr=SAMPLE_RATE, hop_length=HOP, bpm=_bpm(lag), tightness=300, trim=False
+    )
+    return np.asarray(beats, dtype=int)
+
+
+def at_fractions(envelope: np.ndarray, beats: np.ndarray, fractions: tuple[float, ...]) -> np.ndarray:
+    """The envelope's peak near each fraction of every inter-beat interval: shape (len(beats) - 1, fractions)."""
+    starts, spans = beats[:-1], np.diff(beats)
+    out = np.zeros((len(starts), len(fractions)))
+    for column, fraction in enumerate(fractions):
+        centre = np.round(starts + fraction * spans).astype(int)
+        window = np.stack([np.clip(centre + d, 0, len(envelope) - 1) for d in (-1, 0, 1)])
+        out[:, column] = envelope[window].max(axis=0)
+    return out
+
+
+def fitted_bpm(envelope: np.ndarray, beats: np.ndarray) -> float:
+    """The tempo as the slope of beat times against beat numbers (least squares), with each beat moved to
+    the interpolated onset peak within a frame; a steady drift averages out."""
+    position = beats.astype(float)
+    inside = (beats > 0) & (beats < len(envelope) - 1)
+    a, b, c = envelope[beats[inside] - 1], envelope[beats[inside]], envelope[beats[inside] + 1]
+    curvature = a - 2 * b + c
+    shift = np.clip(0.5 * (a - c) / np.where(curvature < 0, curvature, -1.0), -0.5, 0.5)
+    position[inside] += np.where(curvature < 0, shift, 0.0)
+    slope = np.polyfit(np.arange(len(beats)), position, 1)[0]
+    return _bpm(slope)
+
+
+def _level(e: Envelopes, accent: np.ndarray, onsets: np.ndarray, periodicity: float, lag: float) -> Level:
+    """Track beats at `lag` and score the level (in log terms, each term a property of a beat level):
+    - prior: felt tempi cluster around PRIOR_BPM (Moelants 2002; librosa's prior);
+    - uniform: every beat carries an accent, not only every other one (at twice the tempo, the off-beats
+      carry only hi-hats);
+    - between: the points between beats carry less than the beats (at half the tempo, the snare falls
+      between);
+    - periodic: the accents repeat at this period;
+    - backbeat: the snare alternates from beat to beat (a backbeat: the beat is half the snare's period).
+    """
+    beats = track(onsets, lag)
+    if len(beats) < 8:
+        return Level(lag, beats, -np.inf)
+    profile = at_fractions(accent, beats, SUBDIVISIONS)
+    on = profile[:, 0]
+    even, odd = on[0::2].mean(), on[1::2].mean()
+    uniform = min(even, odd) / (max(even, odd) + 1e-9)
+    means = profile.mean(axis=0)
+    between = min(1.0, max(means[3], means[2], means[4]) / (means[0] + 1e-9))
+    snare = at_fractions(e.snare, beats, (0.0,))[:, 0]
+    backbeat = abs(snare[0::2].mean() - snare[1::2].mean()) / (snare[0::2].mean() + snare[1::2].mean() + 1e-9)
+    w = WEIGHTS
+    score = (
+        w["prior"] * -0.5 * (np.log2(_bpm(lag) / PRIOR_BPM) / PRIOR_OCTAVES) ** 2
+        + w["uniform"] * np.log(uniform + 0.05)
+        + w["between"] * np.log(1.0 - between + 0.05)
+        + w["periodic"] * periodicity
+        + w["backbeat"] * backbeat
+    )
+    return Level(lag, beats, float(score))
+
+
+def beat_level(e: Envelopes) -> tuple[Level | None, float]:
+    """The beat level and a confidence: the chosen level's share of the candidates' likelihood."""
+    accent, onsets = e.accent, e.onsets
+    acf = autocorrelation(e.voices)
+    parts = [autocorrelation(x) for x in (e.kick + e.snare, e.bass, e.tonal)]
+    first = first_period(acf)
+    levels = []
+    for ratio in RATIOS:
+        lag = first / ratio
+        if not _bpm(TEMPO_RANGE[1]) <= lag <= _bpm(TEMPO_RANGE[0]) or lag >= len(acf) - 2:
+            continue
+        lag = _peak_lag(acf, lag, 0.04)
+        periodicity = float(np.mean([part[int(round(lag))] for part in parts]))
+        levels.append(_level(e, accent, onsets, periodicity, lag))
+    scores = np.array([level.score for level in levels])
+    if not np.isfinite(scores).any():
+        return None, 0.0
+    best = levels[int(np.argmax(scores))]
+    likelihood = np.exp(scores - scores.max())
+    return best, float(1.0 / likelihood.sum())
+
+
+def _contrast(values: np.ndarray, group: int) -> float:
+    """How much one position in groups of `group` beats stands out, in standard deviations."""
+    usable = len(values) // group * group
+    if usable < 2 * group:
+        return 0.0
+    means = values[:usable].reshape(-1, group).mean(axis=0)
+    return float((means.max() - np.delete(means, means.argmax()).mean()) / (values.std() + 1e-9))
+
+
+def metre(e: Envelopes, beats: np.ndarray, harmony: np.ndarray | None = None) -> tuple[int, float]:
+    """Beats per bar as ACE-Step writes it (4, 3, or 6 for compound metre) and a confidence.
+
+    Compound when beats divide in three (notes at a third and two thirds of the beat, not at its half; a
+    swing's long–short has only the two-thirds); otherwise 3 or 4 by the grouping in which one beat stands
+    out: in the kick and bass, in loudness, and in the harmony's changes (`harmony`: change per beat).
+    """
+    thirds = []
+    for envelope in (e.hats, e.tonal):  # the subdividing voices: cymbals, chords and melody
+        means = at_fractions(envelope, beats, SUBDIVISIONS).mean(axis=0)
+        third, half = min(means[2], means[4]), max(means[1], means[3], means[5])
+        thirds.append(np.log((third / means[0] + 0.05) / (half / means[0] + 0.05)))
+    ternary = float(np.mean(thirds)) - COMPOUND_THRESHOLD
+    if ternary > 0:
+        return 6, float(1.0 - np.exp(-ternary / 0.3))
+    low = np.log1p(at_fractions(e.kick + e.bass, beats, (0.0,))[:, 0])  # downbeats carry the kick and bass
+    loud = np.log1p(at_fractions(e.full, beats, (0.0,))[:, 0])  # and are played harder
+    evidence = [low, loud] + ([harmony] if harmony is not None else [])
+    triple = np.mean([_contrast(x, 3) for x in evidence])
+    duple = np.mean([max(_contrast(x, 2), _contrast(x, 4)) for x in evidence])
+    confidence = (1.0 - np.exp(ternary / 0.3)) * abs(triple - duple) / (abs(triple) + abs(duple) + 1e-9)
+    return (3 if triple > duple else 4), float(confidence)
+
+
+def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | None = None) -> Rhythm:
+    """Tempo (felt beats per minute), metre and beats of mono 16 kHz samples."""
+    e = envelopes(samples)
+    level, confidence = beat_level(e)
+    if level is None:
+        return Rhythm(None, 0.0, None, 0.0, np.zeros(0, dtype=int))
+    bpm = fitted_bpm(e.onsets, level.beats)
+    beats_per_bar, metre_confidence = metre(e, level.beats, harmony(level.beats) if harmony else None)
+    return Rhythm(bpm, confidence, beats_per_bar, metre_confidence, level.beats)
