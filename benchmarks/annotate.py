@@ -1,8 +1,9 @@
 """The annotate benchmark: the seed's pipeline against `acecap annotate`, same model, same clips, one process.
 
 (a) seed: one clip per `generate`, the processor's default padding of every clip to 300 s.
-(b) acecap: `annotate()` as the command line runs it: prefetch, length-sorted batches, padding to the batch;
-    once per decoder in --decoders (a compiled decoder's compile time counts: it is part of the job).
+(b) acecap: `annotate()` as the command line runs it: decode processes, features on the device, packed
+    prefill, continuous batching; once per decoder in --decoders (a compiled decoder's compile time counts:
+    it is part of the job).
 All decode exactly --tokens tokens per clip (end token ignored) with greedy search, so they do the same
 work. Model loading is timed apart and left out of the rates.
 

@@ -49,8 +49,8 @@ def step_times(thinker, steps: int, prompt: int = 256) -> tuple[float, float]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, thinker.config.text_config.vocab_size, (prompt,), generator=generator)
     with torch.inference_mode():
-        decoder = Decoder(thinker, [prompt], steps + 2)
-        decoder.prefill(0, text_model(thinker).embed_tokens(ids))
+        decoder = Decoder(thinker, [prompt + steps + 2])
+        decoder.prefill([0], [text_model(thinker).embed_tokens(ids)])
         token, lengths = ids[:1], torch.tensor([prompt])
         decoder.step(token, lengths)  # warm-up
         cpu, wall = time.process_time(), time.perf_counter()

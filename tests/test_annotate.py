@@ -251,7 +251,8 @@ from acecap.audio import to_clip
 def vm(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) * 1024
 
-captioner = Captioner.from_pretrained(sys.argv[1], device="cpu")
+# One prefill pass for the whole batch, so that the batch's memory grows with its clips.
+captioner = Captioner.from_pretrained(sys.argv[1], device="cpu", prefill_tokens=10**6)
 clips = [to_clip(np.random.default_rng(i).standard_normal(16000 * 300).astype(np.float32) * 0.1, 16000, str(i))
          for i in range(16)]
 decoding = Decoding(max_new_tokens=3)

@@ -7,13 +7,13 @@ import pytest
 from conftest import run_acecap
 from PIL import Image
 
-from acecap.bench import Point, peak_bandwidth
+from acecap.bench import Point, peak_bandwidth, peak_flops, prefill_flops
 
 
 def test_rates_are_counts_over_measured_times():
     point = Point("static", batch=2, seconds=10.0, tokens=5, first_token_s=[1.0, 1.0, 1.0],
-                  total_s=[3.0, 3.0, 3.0], peak_memory_bytes=0, step_bytes=10**9)  # fmt: skip
-    figures = point.figures(peak_bandwidth=4e9)
+                  total_s=[3.0, 3.0, 3.0], peak_memory_bytes=0, step_bytes=10**9, prefill_flops=6e12)  # fmt: skip
+    figures = point.figures(peak_bandwidth=4e9, peak_flops=10e12)
     # 4 decode steps in 2 s: 0.5 s a step.
     assert figures["step_ms"] == pytest.approx(500)
     assert figures["decode_tok_s_per_stream"] == pytest.approx(2.0)
@@ -23,7 +23,27 @@ def test_rates_are_counts_over_measured_times():
     assert figures["audio_s_per_s"] == pytest.approx(20 / 3)
     assert figures["bandwidth_gb_s"] == pytest.approx(2.0)
     assert figures["bandwidth_share"] == pytest.approx(0.5)
+    assert figures["prefill_tflop_s"] == pytest.approx(6.0)  # 6 TFLOP in the 1 s to the first token
+    assert figures["prefill_peak_share"] == pytest.approx(0.6)
     assert Point("static", 1, 1.0, 5, [], [], 0, 0, error="OutOfMemoryError").figures(None) == {}
+
+
+def test_prefill_flops_of_a_three_minute_song_at_the_7b_shapes():
+    import torch
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    from acecap.model import AudioThinker
+    from acecap.tiny import full_config
+
+    with torch.device("meta"):  # the 7B shapes without their memory
+        thinker = AudioThinker(Qwen2_5OmniThinkerConfig(**full_config("7b")["thinker_config"]))
+    samples, tokens = 180 * 16000, 4530  # 4,500 audio tokens and the chat text's
+    flops = prefill_flops(thinker, tokens, samples)
+    hidden, kv, mlp = 3584, 512, 18944  # 28 layers of 7B: q, k, v (with biases), o, gate/up/down, two norms
+    layers = 28 * (2 * hidden * hidden + hidden + 2 * (hidden * kv + kv) + 3 * hidden * mlp + 2 * hidden)
+    causal = 2 * tokens**2 * 3584 * 28  # QK and AV over the lower triangle, 2 FLOPs a multiply-add
+    assert flops["language_model"] == 2 * layers * tokens + causal + 2 * 152064 * 3584
+    assert 11.0e12 < flops["audio_encoder"] < 12.0e12  # 9,000 encoder tokens through 32 layers of 1280
 
 
 def test_peak_bandwidth_is_known_only_for_named_cards():
@@ -31,6 +51,9 @@ def test_peak_bandwidth_is_known_only_for_named_cards():
     assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
     assert peak_bandwidth("Ascend910B2") == 1.6e12
     assert peak_bandwidth("2 CPU cores") is None
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H200 NVL") == 835e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("2 CPU cores") is None
 
 
 @pytest.mark.slow
@@ -40,6 +63,7 @@ def test_bench_command_runs_on_the_tiny_shape(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["setup"]["device"] == "cpu" and report["setup"]["peak_bandwidth"] is None
+    assert report["setup"]["peak_bf16_flops"] is None
     assert [(run["decoder"], run["batch"]) for run in report["runs"]] == [
         ("static", 1), ("static", 2), ("transformers", 1), ("transformers", 2),
     ]  # fmt: skip
@@ -53,6 +77,8 @@ def test_bench_command_runs_on_the_tiny_shape(tmp_path):
         assert min(run["first_token_s"]) <= run["ttft_p50_s"] <= run["ttft_p99_s"] <= max(run["first_token_s"])
         assert run["bandwidth_gb_s"] == pytest.approx(run["step_bytes"] / (decode / 5) / 1e9)
         assert run["peak_memory_bytes"] > 0
+        ttft = statistics.mean(run["first_token_s"])
+        assert run["prefill_tflop_s"] == pytest.approx(run["prefill_flops"] / ttft / 1e12) and run["prefill_flops"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert table.count("| static |") == 2 and table.count("| transformers |") == 2
     assert done.stdout == table

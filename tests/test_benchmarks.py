@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +74,42 @@ def test_serve_load_benchmark_answers_every_request_once_and_computes_its_rates(
     on, off = report["runs"]
     assert report["gain"] == pytest.approx(on["requests_per_s"] / off["requests_per_s"])
     assert f"{report['gain']:.2f}×" in (tmp_path / "serve_load.md").read_text()
+
+
+def test_pipeline_benchmark_runs_and_computes_its_rates(tmp_path):
+    bench = load_program("pipeline")
+    report = bench.main(["--songs", "3", "--seconds", "3", "--workers", "1,2", "--batch", "2", "-o", str(tmp_path)])
+    assert report == json.loads((tmp_path / "pipeline.json").read_text())
+    one, two = report["runs"]
+    for run in report["runs"]:
+        assert run["songs"] == 3 and run["errors"] == 0
+        assert run["audio_seconds"] == pytest.approx(report["setup"]["audio_seconds"], abs=0.01)
+        assert run["songs_per_s"] == pytest.approx(3 / run["wall_s"])
+        assert run["audio_seconds_per_s"] == pytest.approx(run["audio_seconds"] / run["wall_s"])
+        assert run["worker_cpu_s_per_song"] > 0 and run["consumer_cpu_s_per_song"] > 0
+    assert two["speedup"] == pytest.approx(two["songs_per_s"] / one["songs_per_s"])
+    need = report["cores_needed"]
+    per_song = min(one["worker_cpu_s_per_song"], two["worker_cpu_s_per_song"])
+    assert need["songs_per_s"] == pytest.approx(800 / report["setup"]["mean_song_s"])
+    assert need["cores"] == math.ceil(need["songs_per_s"] * per_song) + 1
+    assert f"**{need['cores']} cores**" in (tmp_path / "pipeline.md").read_text()
+
+
+def test_prefill_benchmark_runs_and_packed_equals_clip_by_clip(tmp_path):
+    bench = load_program("prefill")
+    report = bench.main(["--shape", "tiny", "--dtype", "fp32", "--cases", "3x2", "2x5", "--budget", "200",
+                         "-o", str(tmp_path)])  # fmt: skip
+    assert report == json.loads((tmp_path / "prefill.json").read_text())
+    for case in report["prefill"]:
+        assert case["max_logit_difference"] < 1e-4  # a 2 s prompt and a 5 s one cross the 200-token passes
+        assert case["speedup"] == pytest.approx(case["clip_by_clip_s"] / case["packed_s"])
+        assert f"{case['speedup']:.2f}×" in (tmp_path / "prefill.md").read_text()
+    for case in report["attention"]:
+        assert case["max_difference"] < 1e-4
+        assert (
+            case["pass_tokens"] == case["clips"] * report["prefill"][report["attention"].index(case)]["prompt_tokens"]
+        )
+        assert case["ratio"] == pytest.approx(case["block_diagonal_s"] / case["per_prompt_s"])
 
 
 def test_startup_benchmark_runs_and_computes_its_figures(tmp_path):

@@ -109,8 +109,8 @@ def test_audio_encoder_rows_do_not_depend_on_the_batch(captioner):
             for f in features
         ]
         alone = [getattr(out, "last_hidden_state", out) for out in outputs]  # 4.57 returns the tensor
-        _, embeds = captioner._prompt_embeddings(clips)
-    for clip_embeds, rows, f in zip(embeds, alone, features, strict=True):
+        prompts = captioner._prompts([(clip, captioner.chat_text) for clip in clips])
+    for (_, clip_embeds), rows, f in zip(prompts, alone, features, strict=True):
         places = f["input_ids"][0] == captioner.audio_id
         assert int(places.sum()) == len(rows)
         torch.testing.assert_close(clip_embeds[places], rows, atol=1e-5, rtol=1e-5)

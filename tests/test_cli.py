@@ -108,6 +108,19 @@ def test_help_teaches():
         assert flag in result.stdout
 
 
+@pytest.mark.parametrize("flag", ["--decode-workers", "--prefill-tokens"])
+def test_annotate_refuses_a_pipeline_without_room_before_loading(tiny_model, tmp_path, flag):
+    result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), flag, "0")
+    assert f"{flag} must be at least 1" in one_error_line(result)
+
+
+def test_the_prefill_budget_default_is_the_decoders():
+    from acecap.cli import PREFILL_TOKENS
+    from acecap.decode import PREFILL_TOKENS as decoder_default
+
+    assert PREFILL_TOKENS == decoder_default
+
+
 def test_the_command_line_answers_without_loading_torch():
     """--version, --help and usage errors must not wait for torch and transformers (seconds to import)."""
     probe = (

@@ -58,7 +58,11 @@ def test_compiled_decoder_gives_the_tokens_of_the_eager_one(pair):
     clips = noise_clips([2.0, 20.0, 5.0, 9.0, 1.0, 14.0, 6.5])
     with torch._dynamo.config.patch(error_on_recompile=True):
         ours = compiled.caption_clips(clips, decoding)
+        # So do continuous batching's waves, whose rows are refilled and sit free (at slot 0) between clips.
+        streamed = dict(compiled.caption_stream(((c.source, c) for c in clips), Decoding(max_new_tokens=9), rows=3))
     assert [r.text for r in ours] == [r.text for r in static.caption_clips(clips, decoding)]
+    alone = {c.source: static.caption_clips([c], Decoding(max_new_tokens=9))[0].text for c in clips}
+    assert {source: result.text for source, result in streamed.items()} == alone
 
 
 def test_prefill_logits_match_the_thinker_forward(pair):
@@ -67,10 +71,11 @@ def test_prefill_logits_match_the_thinker_forward(pair):
     static, _ = pair
     samples = noise_clips([4.0])[0].samples
     inputs = static._features([samples])
-    prompts, embeds = static._prompt_embeddings([samples])
+    ((ids, embeds),) = static._prompts([(samples, static.chat_text)])
+    assert ids.tolist() == inputs["input_ids"][0].tolist()  # the processor's prompt, placeholders expanded
     with torch.inference_mode():
         expected = static.thinker(**inputs).logits[0, -1]
-        ours = Decoder(static.thinker, [len(prompts[0])], 4).prefill(0, embeds[0])
+        ours = Decoder(static.thinker, [len(ids) + 4]).prefill([0], [embeds])[0]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -91,13 +91,13 @@ def test_int8_runs_through_the_static_and_transformers_decoders(int8):
 @pytest.mark.slow
 def test_int8_runs_through_the_compiled_decoder(int8):
     """The compiled step traces torchao's int8 weights; in bf16 its logits match the eager step's to rounding."""
-    prompts, embeds = int8._prompt_embeddings([noise_clips([3.0])[0].samples])
+    ((ids, embeds),) = int8._prompts([(noise_clips([3.0])[0].samples, int8.chat_text)])
     logits = {}
     with torch.inference_mode():
         for name, backend in (("eager", None), ("compiled", compiler(int8.device)[0])):
-            decoder = Decoder(int8.thinker, [len(prompts[0])], 4, backend)
-            first = decoder.prefill(0, embeds[0])
-            logits[name] = decoder.step(first.argmax()[None], torch.tensor([len(prompts[0])]))[0]
+            decoder = Decoder(int8.thinker, [len(ids) + 4], backend)
+            first = decoder.prefill([0], [embeds])[0]
+            logits[name] = decoder.step(first.argmax()[None], torch.tensor([len(ids)]))[0]
     eager, compiled = logits["eager"], logits["compiled"]
     assert float((compiled - eager).norm() / eager.norm()) < 0.02  # bf16 rounding of fused kernels, not a bug
     assert type(text_model(int8.thinker).layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"

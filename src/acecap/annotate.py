@@ -2,8 +2,9 @@
 
 The main process finds the inputs, drops what earlier runs finished, and deals the rest out in chunks
 through a queue; each worker (worker.py: a thread for one device, a process per device for several, or a
-Ray actor per card, cluster.py) loads the model once, decodes a chunk ahead of the device, sorts it by
-length into batches and writes a record per file after every batch. A slow device simply takes fewer chunks.
+Ray actor per card, cluster.py) loads the model once, decodes its files ahead of the device in worker
+processes (pipeline.py), captions them by continuous batching and writes each file's record as its clip
+ends. A slow device simply takes fewer chunks.
 """
 
 from __future__ import annotations

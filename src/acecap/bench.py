@@ -21,12 +21,20 @@ import torch
 from . import devices
 from .audio import SAMPLE_RATE, Clip
 from .captioner import AUDIO_TOKENS_PER_SECOND, Captioner
-from .decode import cache_bytes_per_token, choose_decoder
+from .decode import PREFILL_TOKENS, cache_bytes_per_token, choose_decoder
+from .features import audio_tokens, feature_frames
 from .generate import Decoding
 from .quant import quantize_layer, tensor_bytes
 
 # Memory bandwidth (bytes/s) of the cards whose peak we know, matched on the device name.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "910B": 1.6e12}
+# Dense bf16 matrix throughput (FLOP/s, without 2:4 sparsity), matched on the device name, first match wins.
+# NVIDIA's datasheets: H200 SXM and H100 SXM 989 TFLOP/s (1,979 "with sparsity"), H200 NVL 835, H100 PCIe
+# 756, A100 312. Ascend 910B: ~320 TFLOP/s fp16, as reported by third parties (not a Huawei datasheet);
+# its bf16 runs on the same cube units.
+PEAK_BF16_FLOPS = {
+    "H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "910B": 320e12,
+}  # fmt: skip
 
 
 @dataclass
@@ -41,13 +49,14 @@ class Point:
     total_s: list[float]  # per timed call
     peak_memory_bytes: int
     step_bytes: int  # weights + KV cache read by one decode step (estimate)
+    prefill_flops: float = 0.0  # the batch's prefill: audio encoder and language model (prefill_flops)
     error: str | None = None
 
     @property
     def decode_s(self) -> float:
         return statistics.mean(t - f for t, f in zip(self.total_s, self.first_token_s, strict=True))
 
-    def figures(self, peak_bandwidth: float | None) -> dict:
+    def figures(self, peak_bandwidth: float | None, peak_flops: float | None = None) -> dict:
         """Rates derived from the raw timings; every one is a count over a measured time."""
         if self.error:
             return {}
@@ -67,11 +76,45 @@ class Point:
             "audio_s_per_s": self.batch * self.seconds / total,
             "bandwidth_gb_s": bandwidth / 1e9,
             "bandwidth_share": bandwidth / peak_bandwidth if peak_bandwidth else None,
+            # Time to first token holds features, encoder and prefill of the whole batch.
+            "prefill_tflop_s": self.prefill_flops / statistics.mean(ttft) / 1e12,
+            "prefill_peak_share": self.prefill_flops / statistics.mean(ttft) / peak_flops if peak_flops else None,
         }
 
 
 def peak_bandwidth(name: str) -> float | None:
     return next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def peak_flops(name: str) -> float | None:
+    return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def prefill_flops(thinker, prompt_tokens: int, samples: int) -> dict[str, float]:
+    """Matrix FLOPs of one clip's prefill: the audio encoder over its frames and the language model over its
+    prompt, each 2 per weight per token, plus attention (the encoder's within 2 s windows; the language
+    model's causal, so only the lower triangle counts), plus the output head on the last token."""
+    from .compat import text_model, thinker_parts
+    from .features import feature_frames
+
+    text, tower = text_model(thinker), thinker_parts(thinker).audio_tower
+    config = text.config
+    width = config.num_attention_heads * (
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+    layer_weights = sum(p.numel() for p in text.layers.parameters())
+    language = 2 * layer_weights * prompt_tokens + 2 * prompt_tokens**2 * width * len(text.layers)
+    language += 2 * thinker.lm_head.weight.numel()
+    frames = feature_frames(samples)
+    window = 2 * tower.n_window
+    windows = [min(window, frames - start) for start in range(0, frames, window)]
+    tokens = [(length - 1) // 2 + 1 for length in windows]  # after the stride-2 convolution
+    encoder_weights = sum(p.numel() for p in tower.layers.parameters())
+    d_model = tower.conv2.out_channels
+    encoder = 2 * tower.conv1.weight.numel() * frames + 2 * tower.conv2.weight.numel() * sum(tokens)
+    encoder += 2 * encoder_weights * sum(tokens) + sum(4 * n * n * d_model for n in tokens) * len(tower.layers)
+    encoder += 2 * tower.proj.weight.numel() * (sum(tokens) // 2)
+    return {"language_model": float(language), "audio_encoder": float(encoder)}
 
 
 def step_bytes(thinker, rows: int, context: int) -> int:
@@ -108,7 +151,9 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def random_captioner(shape: str, device: str, dtype: str, quant: str = "none") -> Captioner:
+def random_captioner(
+    shape: str, device: str, dtype: str, quant: str = "none", prefill_tokens: int = PREFILL_TOKENS
+) -> Captioner:
     """A Captioner over random weights of `shape`, built on the device; tokenizer and processor are real."""
     from . import quant as quantization
     from .model import load_processor
@@ -133,6 +178,7 @@ def random_captioner(shape: str, device: str, dtype: str, quant: str = "none") -
         model_name=f"random {shape}",
         load_s=load_s,
         quant=quant,
+        prefill_tokens=prefill_tokens,
     )
 
 
@@ -188,6 +234,9 @@ def measure(captioner: Captioner, batch: int, seconds: float, tokens: int, repea
     decoding = Decoding(max_new_tokens=tokens, ignore_eos=True)
     context = captioner.prompt_tokens + int(seconds * AUDIO_TOKENS_PER_SECOND) + tokens // 2
     point = Point(captioner.decoder, batch, seconds, tokens, [], [], 0, step_bytes(captioner.thinker, batch, context))
+    samples = len(clips[0].samples)
+    prompt = captioner.prompt_tokens - 1 + audio_tokens(feature_frames(samples))  # the placeholder expanded
+    point.prefill_flops = batch * sum(prefill_flops(captioner.thinker, prompt, samples).values())
     try:
         captioner.caption_clips(clips, Decoding(max_new_tokens=min(tokens, 8), ignore_eos=True))  # warm-up
         devices.reset_peak_memory(device)
@@ -208,12 +257,13 @@ def row(run: dict) -> str:
     if run.get("error"):
         return f"| {run['decoder']} | {run['batch']} | {run['seconds']:g} | failed: {run['error']} |"
     share = f", {run['bandwidth_share']:.0%}" if run.get("bandwidth_share") is not None else ""
+    flops = f", {run['prefill_peak_share']:.0%}" if run.get("prefill_peak_share") is not None else ""
     return (
         f"| {run['decoder']} | {run['batch']} | {run['seconds']:g} | {run['ttft_mean_s'] * 1000:.0f} / "
         f"{run['ttft_p50_s'] * 1000:.0f} / {run['ttft_p99_s'] * 1000:.0f} | "
         f"{run['decode_tok_s_per_stream']:.1f} | {run['output_tok_s']:.1f} | {run['requests_per_s']:.3f} | "
         f"{run['audio_s_per_s']:.1f} | {run['peak_memory_bytes'] / 2**30:.1f} | "
-        f"{run['bandwidth_gb_s']:.0f}{share} |"
+        f"{run['bandwidth_gb_s']:.0f}{share} | {run['prefill_tflop_s']:.1f}{flops} |"
     )
 
 
@@ -235,12 +285,20 @@ def markdown(report: dict) -> str:
         f"{setup['repeats']} timed calls per point after a warm-up.",
         "",
         "| decoder | batch | input audio (s) | TTFT mean / p50 / p99 (ms) | decode tok/s per stream | "
-        "output tok/s | req/s | audio-s/s | peak memory (GiB) | bandwidth (GB/s, share of peak) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "output tok/s | req/s | audio-s/s | peak memory (GiB) | bandwidth (GB/s, share of peak) | "
+        "prefill TFLOP/s (share of bf16 peak) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [row(run) for run in report["runs"]]
+    lines += [
+        "",
+        "Prefill TFLOP/s: the batch's audio-encoder and language-model matrix FLOPs (2 per weight per token, "
+        "attention causal) over its time to first token, which also holds the features.",
+    ]
     if setup["peak_bandwidth"] is None:
         lines += ["", "Peak memory bandwidth of this device unknown: no roofline share."]
+    if setup.get("peak_bf16_flops") is None:
+        lines += ["", "Peak bf16 FLOP/s of this device unknown: no prefill share."]
     return "\n".join(lines)
 
 
@@ -287,6 +345,7 @@ def bench(
     seconds: float = 30.0,
     tokens: int = 128,
     repeats: int = 3,
+    prefill_tokens: int = PREFILL_TOKENS,
     output_dir: Path | None = None,
     log=print,
 ) -> dict:
@@ -298,9 +357,11 @@ def bench(
     chosen = [choose_decoder(d, devices.resolve_device(device)) for d in decoders or ["auto"]]  # before loading
     batch_sizes = batch_sizes or [1, 8]
     if model:
-        captioner = Captioner.from_pretrained(model, device=device, dtype=dtype, quant=quant)
+        captioner = Captioner.from_pretrained(
+            model, device=device, dtype=dtype, quant=quant, prefill_tokens=prefill_tokens
+        )
     else:
-        captioner = random_captioner(shape, device, dtype, quant)
+        captioner = random_captioner(shape, device, dtype, quant, prefill_tokens)
     name = devices.device_name(captioner.device)
     setup = {
         "model": model or f"random weights, {shape} shape",
@@ -318,13 +379,15 @@ def bench(
         "tokens": tokens,
         "repeats": repeats,
         "peak_bandwidth": peak_bandwidth(name),
+        "peak_bf16_flops": peak_flops(name),
+        "prefill_tokens": prefill_tokens,
     }
     report = {"setup": setup, "runs": []}
     for decoder in chosen:
         captioner.decoder = decoder
         for batch in batch_sizes:
             point = measure(captioner, batch, seconds, tokens, repeats)
-            run = {**asdict(point), **point.figures(setup["peak_bandwidth"])}
+            run = {**asdict(point), **point.figures(setup["peak_bandwidth"], setup["peak_bf16_flops"])}
             report["runs"].append(run)
             log(row(run))
             if output_dir:  # after every point, so that a run cut short keeps what it measured

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("acecap")
+PREFILL_TOKENS = 16384  # decode.PREFILL_TOKENS, repeated so that --help needs no torch (a test keeps them equal)
 
 EXAMPLES = """\
 examples:
@@ -77,6 +78,10 @@ def _model_options(parser: argparse.ArgumentParser, several_tasks: bool = False,
                        "graphs: the static step replayed as a CUDA graph; "
                        "transformers: the library's generate() (slower; the reference). "
                        "Default auto: graphs on CUDA, else static")  # fmt: skip
+    group.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="N",
+                       help="most prompt tokens one prefill pass takes: several clips are packed into a pass, a "
+                       "longer prompt takes several (bounds the activation memory; a 3-minute song is ~4,500 "
+                       f"tokens). Default {PREFILL_TOKENS}")  # fmt: skip
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--overwrite", action="store_true", help="redo what earlier runs finished; replace values in existing sidecars"
     )
+    group.add_argument("--decode-workers", type=int, metavar="N",
+                       help="processes decoding and resampling audio ahead of each device (default: the host's "
+                       "cores less one per device, shared out among the devices)")  # fmt: skip
     group.add_argument("--shard", metavar="i/N",
                        help="only this machine's share of the files, numbered from 0: 0/N ... (N-1)/N (a Slurm "
                        "array --array=0-7 passes --shard $SLURM_ARRAY_TASK_ID/8; Kubernetes indexed jobs "
@@ -216,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=30.0, help="audio per clip (default 30)")
     bench.add_argument("--tokens", type=int, default=128, help="tokens decoded per clip, end token ignored")
     bench.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
+    bench.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="N",
+                       help=f"most prompt tokens one prefill pass takes (default {PREFILL_TOKENS})")  # fmt: skip
     bench.add_argument("-o", "--output-dir", type=Path, default=Path("bench"), help="report folder (default bench)")
 
     compare = commands.add_parser(

@@ -11,20 +11,21 @@ record instead of an endless retry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .batching import default_batch_size
 from .inputs import Item
 from .job import CHUNK_FILES, Job
+from .pipeline import Decoded, Pipeline, identity_of
 from .progress import Progress
 from .records import RecordWriter
-from .worker import Decoded, Worker, commit, identity_of, load_captioner, summarise_records
+from .worker import Worker, commit, load_captioner, summarise_records
 
 log = logging.getLogger("acecap")
 
@@ -59,6 +60,7 @@ class Annotator:
     """A Ray actor: the model on the card Ray gave it (its only visible one), and chunks of files in."""
 
     def __init__(self, job: Job, kind: str):
+        self.job = job
         self.captioner = load_captioner(job, kind)
         self.device_lock = threading.Lock()  # two calls run at once: one decodes files while one captions
         self.saved: list[tuple[list[dict], dict[str, Path]]] = []  # the running call's records
@@ -69,11 +71,12 @@ class Annotator:
         return device, self.captioner.load_s if self.captioner else 0.0, os.getpid()
 
     def run(self, items: list[Item]) -> list[tuple[list[dict], dict[str, Path]]]:
-        with ThreadPoolExecutor(2, thread_name_prefix="acecap-decode") as pool:
-            decoded = list(pool.map(self.worker.decode, items))
+        # Decoded outside the lock: while one call's chunk is on the device, the next one's is decoded.
+        with Pipeline(self.job.decode_workers, self.worker.decode_options) as pipeline:
+            decoded = list(pipeline.decode(items, ahead=len(items)))
         with self.device_lock:
             self.saved = []
-            self.worker.run_chunk(decoded)
+            self.worker.run(decoded)
             return self.saved
 
 
@@ -91,6 +94,9 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
     resources = ray.cluster_resources()
     kind = cluster_kind(job.devices[0], resources)
     count = actor_count(kind, resources, job.ray_actors)
+    # Unless told, each actor decodes with an equal share of the cluster's cores (one kept for its device).
+    workers = job.decode_workers or max(1, int(resources.get("CPU", 1)) // count - 1)
+    job = dataclasses.replace(job, decode_workers=workers)
     remote = ray.remote(max_restarts=4 * ATTEMPTS, max_task_retries=ATTEMPTS - 1, max_concurrency=2)(Annotator)
     actors = [remote.options(**ACTOR_RESOURCES[kind]).remote(job, kind) for _ in range(count)]
     devices: dict[int, str] = {}

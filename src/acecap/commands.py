@@ -42,6 +42,9 @@ def annotate_command(args: argparse.Namespace) -> int:
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
     shard, decoding, meta_sources = _shard(args.shard), _decoding(args), _meta_sources(args.meta_source)
+    for flag, value in (("--decode-workers", args.decode_workers), ("--prefill-tokens", args.prefill_tokens)):
+        if value is not None and value < 1:  # as Job says, but before discovery reads any input
+            raise ValueError(f"{flag} must be at least 1")
     items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
     check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
     ok = True
@@ -73,6 +76,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             ray=args.ray,
             ray_actors=args.ray_actors,
             meta_sources=meta_sources,
+            decode_workers=args.decode_workers,
+            prefill_tokens=args.prefill_tokens,
         )
         if len(tasks) > 1:
             log.info("task %s", task)
@@ -166,7 +171,7 @@ def _load_captioner(args: argparse.Namespace, prompt: str | None = None):
 
     captioner = Captioner.from_pretrained(args.model, task=args.task, device=args.device, dtype=args.dtype,
                                           hub=args.hub, prompt=prompt, decoder=args.decoder,
-                                          quant=args.quant)  # fmt: skip
+                                          quant=args.quant, prefill_tokens=args.prefill_tokens)  # fmt: skip
     quant = f", {captioner.quant} weights" if captioner.quant != "none" else ""
     print(f"acecap: {captioner.model_name} on {captioner.device} ({dtype_name(captioner.dtype)}{quant}), "
           f"loaded in {captioner.load_s:.1f} s", file=sys.stderr)  # fmt: skip
@@ -238,6 +243,7 @@ def bench_command(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         tokens=args.tokens,
         repeats=args.repeats,
+        prefill_tokens=args.prefill_tokens,
         output_dir=args.output_dir,
         log=lambda line: print(line, file=sys.stderr),
     )

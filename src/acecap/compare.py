@@ -18,7 +18,7 @@ import torch
 from . import compat, devices
 from .audio import SAMPLE_RATE, Clip
 from .captioner import DEFAULT_MAX_DURATION, Captioner
-from .decode import generate_static
+from .engine import generate_prompts
 from .fidelity import (
     character_similarity,
     first_divergence,
@@ -131,18 +131,8 @@ def _encoder_layers(captioner: Captioner, samples: np.ndarray) -> tuple[torch.Te
     """The prompt's ids and embeddings, and each audio-encoder layer's output on this clip."""
     tower = compat.thinker_parts(captioner.thinker).audio_tower
     outputs: list[list[torch.Tensor]] = [[] for _ in tower.layers]
-    hooks = [
-        layer.register_forward_hook(
-            lambda _m, _i, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out)
-        )
-        for i, layer in enumerate(tower.layers)
-    ]
-    try:
-        prompts, embeds = captioner._prompt_embeddings([samples])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return prompts[0], embeds[0], [torch.cat(parts).float().cpu() for parts in outputs]
+    ((ids, embeds),) = captioner._prompts([(samples, captioner.chat_text)], layer_outputs=outputs)
+    return ids, embeds, [torch.cat(parts).float().cpu() for parts in outputs]
 
 
 def run_side(captioner: Captioner, clip: Clip, decoding: Decoding, forced: list[int] | None) -> SideRun:
@@ -150,10 +140,7 @@ def run_side(captioner: Captioner, clip: Clip, decoding: Decoding, forced: list[
     samples = clip.samples[: int(DEFAULT_MAX_DURATION * SAMPLE_RATE)]
     with torch.inference_mode():
         prompt, embeds, encoder = _encoder_layers(captioner, samples)
-        generated = generate_static(
-            captioner.thinker, [prompt], [embeds], decoding, captioner.end_ids, captioner.pad_id
-        )
-        tokens = generated.tokens[0]
+        tokens = generate_prompts(captioner.thinker, [(prompt, embeds)], decoding, captioner.end_ids)[0].tokens
         forced = tokens if forced is None else forced
         text_model = compat.text_model(captioner.thinker)
         fed = torch.tensor(forced[:-1], dtype=torch.long, device=embeds.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import transformers
 from packaging.version import Version
 
@@ -10,11 +9,6 @@ VERSION = Version(transformers.__version__)
 # 5.21 nests the thinker's parts: thinker.model.{audio_tower, visual, language_model}; 4.57 has
 # thinker.{audio_tower, visual, model}. Checkpoints keep the old names and are renamed on load.
 NESTED_THINKER = VERSION >= Version("5.21")
-# 4.57's audio encoder attends within 2 s chunks but builds one dense mask over every chunk it is
-# given: memory and attention time grow with the square of a call's audio (5.x attends chunk by chunk).
-DENSE_AUDIO_MASK = VERSION < Version("5")
-# So on 4.57 each encoder call gets at most this many chunks (32 s): its mask stays ~10 MB.
-CHUNKS_PER_CALL = 16
 
 
 def thinker_parts(thinker):
@@ -43,32 +37,3 @@ def register_weight_renames(subclass: type, parent: type) -> None:
 def text_model(thinker):
     """The thinker's language model (embed_tokens, layers, norm, rotary_emb)."""
     return thinker.model.language_model if NESTED_THINKER else thinker.model
-
-
-def audio_embeddings(thinker, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
-    """The audio encoder's output for a batch, one row per audio token, clips concatenated."""
-    if not DENSE_AUDIO_MASK:
-        return thinker.get_audio_features(features, feature_attention_mask=feature_mask).last_hidden_state
-    tower = thinker_parts(thinker).audio_tower
-    window = 2 * tower.n_window  # mel frames in a chunk
-    # Pieces are whole chunks (a clip's last may be short), and chunks are encoded and pooled
-    # independently, so a clip's rows are its pieces' rows in order, however the calls group them.
-    pieces = [
-        features[i, :, start : min(start + window * CHUNKS_PER_CALL, length)]
-        for i, length in enumerate(feature_mask.sum(1).tolist())
-        for start in range(0, length, window * CHUNKS_PER_CALL)
-    ]
-    calls, chunks = [[]], 0
-    for piece in pieces:
-        size = -(-piece.shape[1] // window)
-        if chunks + size > CHUNKS_PER_CALL:
-            calls.append([])
-            chunks = 0
-        calls[-1].append(piece)
-        chunks += size
-    rows = []
-    for call in calls:
-        lengths = torch.tensor([piece.shape[1] for piece in call], device=features.device)
-        after_cnn, _ = tower._get_feat_extract_output_lengths(lengths)
-        rows.append(tower(torch.cat(call, dim=1), feature_lens=lengths, aftercnn_lens=after_cnn).last_hidden_state)
-    return torch.cat(rows)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import compat, devices
-from .generate import Decoding, Generated
+from .generate import Decoding
 
 DECODERS = ("auto", "static", "compiled", "graphs", "transformers")
 log = logging.getLogger("acecap")
@@ -68,19 +67,55 @@ def length_groups(capacities: list[int], slack: float = GROUP_SLACK) -> list[tup
     return groups
 
 
+def cache_slots(capacities: list[int]) -> int:
+    """Token slots a Decoder with these row capacities (ascending) allocates: each group at its largest."""
+    return sum((end - start) * capacities[end - 1] for start, end in length_groups(capacities))
+
+
+# Prompt tokens one prefill pass takes by default: enough for the matrix products to run near the device's
+# peak (a 3-minute song is ~4,500 tokens), small enough that a pass's activations stay ~2 GB at the 7B shapes.
+PREFILL_TOKENS = 16384
+
+
+def pack(lengths: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
+    """Prompts cut into passes of at most `budget` tokens: per pass, (prompt index, start, end) segments.
+
+    Prompts keep their order; one that does not fit what is left of a pass continues in the next, so every
+    pass but the last is full and a prompt's segments come in order.
+    """
+    if budget < 1:
+        raise ValueError("the prefill budget must be at least one token")
+    passes, current, room = [], [], budget
+    for index, length in enumerate(lengths):
+        start = 0
+        while start < length:
+            end = min(length, start + room)
+            current.append((index, start, end))
+            room -= end - start
+            start = end
+            if room == 0:
+                passes.append(current)
+                current, room = [], budget
+    if current:
+        passes.append(current)
+    return passes
+
+
 class Decoder:
     """The thinker's language model run over static KV caches, one block per group of similar lengths.
 
-    Rows must come sorted by prompt length; each holds its prompt and up to `new_tokens` more.
+    Rows come sorted by capacity (the cache slots of a prompt and its new tokens); a row whose clip has
+    ended can be filled again with any prompt that fits its capacity.
     Audio-only prompts get sequential positions on all three rotary axes (Qwen2.5-Omni's 3-D positions
     differ only for images and video), so the rotary embedding is the plain one and a token's position is
     its cache slot.
     """
 
-    def __init__(self, thinker, prompt_lengths: list[int], new_tokens: int, compile_backend=None):
-        """`compile_backend`: what torch.compile takes as backend (a name, or torchair's function); None: eager."""
-        if prompt_lengths != sorted(prompt_lengths):
-            raise ValueError("Decoder rows must be sorted by prompt length")
+    def __init__(self, thinker, capacities: list[int], compile_backend=None):
+        """`capacities`: each row's cache slots (its prompt and new tokens), ascending. `compile_backend`: what
+        torch.compile takes as backend (a name, or torchair's function); None: eager."""
+        if capacities != sorted(capacities):
+            raise ValueError("Decoder rows must be sorted by capacity")
         text = compat.text_model(thinker)
         config = text.config
         self.embed = text.embed_tokens
@@ -95,7 +130,6 @@ class Decoder:
         self.shape = (self.heads, self.kv_heads, self.head_dim)
         self.dtype = self.embed.weight.dtype
         device = self.embed.weight.device
-        capacities = [n + new_tokens for n in prompt_lengths]
         # Each layer's keys (and values) live in one flat tensor of group blocks, (rows, kv_heads, capacity,
         # head_dim) each; the layout rows say where: start row, end row, capacity, offset. The layout is a
         # tensor, not Python structure, so one compiled step serves every batch.
@@ -109,9 +143,11 @@ class Decoder:
             row_start += [size + row * row_size for row in range(end - start)]
             row_capacity += [capacity] * (end - start)
             size += (end - start) * row_size
+        self.capacities = row_capacity  # on the host, for choosing which clip a free row can take
         self.layout = torch.tensor(layout)  # on the CPU: read by Python, never a device sync
         self.row_start = torch.tensor(row_start, device=device)
         self.row_capacity = torch.tensor(row_capacity, device=device)
+        self.groups = [(start, end, capacity, offset) for start, end, capacity, offset in layout]
         self.keys = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(size, dtype=self.dtype, device=device) for _ in self.layers]
         self.slots = torch.arange(capacities[-1], device=device)
@@ -123,21 +159,54 @@ class Decoder:
         cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def prefill(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
-        """Run one prompt's embeddings (tokens, hidden) into its cache row; the last token's logits (fp32)."""
-        start, end, capacity, offset = next(g for g in self.layout.tolist() if g[0] <= row < g[1])
-        tokens = embeds.shape[0]
-        hidden = embeds[None]
-        cos, sin = self._rope(self.slots[:tokens])
+    def prefill(self, rows: list[int], embeds: list[torch.Tensor], budget: int = PREFILL_TOKENS) -> torch.Tensor:
+        """Run prompts (tokens, hidden) into their rows' caches; each prompt's last-token logits (fp32).
+
+        The prompts are packed into passes of at most `budget` tokens: the projections and MLPs of a pass
+        are one matrix product over all its tokens, and attention runs per prompt, causal within it. A prompt
+        longer than what is left of a pass continues in the next one, attending to what is already in its
+        cache, so memory stays bounded for any prompt length.
+        """
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        for segments in pack([len(e) for e in embeds], budget):
+            hidden = torch.cat([embeds[i][start:end] for i, start, end in segments])[None]
+            cos, sin = self._rope(torch.cat([self.slots[start:end] for _, start, end in segments]))
+            for layer_index, layer in enumerate(self.layers):
+                q, k, v = _qkv(layer, hidden, cos, sin, self.shape)
+                outs, at = [], 0
+                for i, start, end in segments:
+                    count = end - start
+                    outs.append(self._attend_prompt(layer_index, rows[i], start, end, q, k, v, at))
+                    at += count
+                attended = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, hidden.shape[1], -1)
+                hidden = _finish(layer, hidden, attended)
+            at = 0
+            for i, start, end in segments:
+                at += end - start
+                if end == len(embeds[i]):  # the prompt's last token: its logits start the decoding
+                    logits[i] = self.head(self.norm(hidden[:, at - 1])).float()[0]
+        return torch.stack(logits)
+
+    def _attend_prompt(self, layer_index, row, start, end, q, k, v, at) -> torch.Tensor:
+        """Store one prompt segment's keys and values in its row, and its attention (1, heads, tokens, head_dim)."""
+        group = next(g for g in self.groups if g[0] <= row < g[1])
+        count = end - start
+        keys = _block(self.keys[layer_index], *group, k)[row - group[0]]
+        values = _block(self.values[layer_index], *group, v)[row - group[0]]
+        keys[:, start:end] = k[0, :, at : at + count]
+        values[:, start:end] = v[0, :, at : at + count]
+        scale = self.layers[layer_index].self_attn.scaling
         repeats = self.heads // self.kv_heads
-        for i, layer in enumerate(self.layers):
-            q, k, v = _qkv(layer, hidden, cos, sin, self.shape)
-            _block(self.keys[i], start, end, capacity, offset, k)[row - start, :, :tokens] = k[0]
-            _block(self.values[i], start, end, capacity, offset, v)[row - start, :, :tokens] = v[0]
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
-            hidden = _finish(layer, hidden, out.transpose(1, 2).reshape(1, tokens, -1))
-        return self.head(self.norm(hidden[:, -1])).float()[0]
+        query = q[:, :, at : at + count]
+        if start == 0:  # the whole prompt so far is this segment: plain causal attention over it
+            seg_k = k[:, :, at : at + count].repeat_interleave(repeats, dim=1)
+            seg_v = v[:, :, at : at + count].repeat_interleave(repeats, dim=1)
+            return F.scaled_dot_product_attention(query, seg_k, seg_v, is_causal=True, scale=scale)
+        # A continuation: its queries see the row's cache up to themselves (bottom-right causal).
+        seen_k = keys[None, :, :end].repeat_interleave(repeats, dim=1)
+        seen_v = values[None, :, :end].repeat_interleave(repeats, dim=1)
+        visible = self.slots[:end][None, :] <= self.slots[start:end][:, None]
+        return F.scaled_dot_product_attention(query, seen_k, seen_v, attn_mask=visible, scale=scale)
 
     def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Feed one token per row at slot `lengths[row]`; the next logits (rows, vocab) in fp32.
@@ -287,75 +356,3 @@ def pick(logits: torch.Tensor, decoding: Decoding, seen: torch.Tensor, generator
         drop = cumulative - ordered.softmax(dim=-1) > decoding.top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def generate_static(
-    thinker,
-    prompts: list[torch.Tensor],
-    embeds: list[torch.Tensor],
-    decoding: Decoding,
-    end_ids: list[int],
-    pad_id: int,
-    decoder: str = "static",
-    on_step: Callable[[list[int]], None] | None = None,
-) -> Generated:
-    """Generate for a batch of prompts (token ids and their embeddings, audio merged in), one row each.
-
-    `on_step` gets each row's new token after every step, in the caller's row order.
-    """
-    device = thinker.device
-    start = devices.now(device)
-    rows = len(prompts)
-    order = sorted(range(rows), key=lambda r: len(prompts[r]))  # the decoder groups rows of similar length
-    position = [order.index(r) for r in range(rows)]  # where each caller's row sits in the decoder
-    prompts, embeds = [prompts[r] for r in order], [embeds[r] for r in order]
-    backend = devices.compiler(device)[0] if decoder == "compiled" else None
-    # On CUDA the compiled step is captured too: fused kernels, and no launches left to pay for.
-    graphs = decoder == "graphs" or (decoder == "compiled" and device.type == "cuda")
-    decoder = Decoder(thinker, [len(p) for p in prompts], decoding.max_new_tokens, backend)
-    vocab = thinker.lm_head.out_features
-    ends = torch.tensor(end_ids, device=device)
-    with torch.inference_mode():
-        logits = torch.stack([decoder.prefill(row, e) for row, e in enumerate(embeds)])
-        first = devices.now(device)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        if decoding.repetition_penalty != 1.0:
-            for row, ids in enumerate(prompts):
-                seen[row, ids] = True
-        generator = None
-        if decoding.temperature > 0:
-            generator = torch.Generator(device=device)
-            if decoding.seed is not None:
-                generator.manual_seed(decoding.seed)
-        step = None
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        batch_rows = torch.arange(rows, device=device)
-        out = []
-        for n in range(decoding.max_new_tokens):
-            if decoding.ignore_eos:
-                logits[:, ends] = float("-inf")
-            tokens = pick(logits, decoding, seen, generator)
-            tokens = torch.where(done, pad_id, tokens)
-            out.append(tokens)
-            if on_step is not None:
-                picked = tokens.tolist()
-                on_step([picked[p] for p in position])
-            done |= torch.isin(tokens, ends)
-            if n == decoding.max_new_tokens - 1 or bool(done.all()):
-                break
-            seen[batch_rows, tokens] = True
-            if graphs:
-                step = step or GraphedStep(decoder, tokens, lengths)
-                logits = step(tokens, lengths)
-            else:
-                logits = decoder.step(tokens, lengths)
-            lengths = lengths + 1
-        end = devices.now(device)
-    table = torch.stack(out, dim=1).tolist()
-    tokens, finished = [], []
-    for row in [table[p] for p in position]:
-        stop = next((i for i, token in enumerate(row) if token in end_ids), None)
-        finished.append(stop is not None)
-        tokens.append(row if stop is None else row[: stop + 1])
-    return Generated(tokens=tokens, finished=finished, first_token_s=first - start, total_s=end - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .decode import PREFILL_TOKENS
 from .generate import Decoding
 from .model import TASKS
 
@@ -39,6 +40,8 @@ class Job:
     ray: str | None = None  # a Ray cluster's address ("auto", "ray://host:10001"), or "" for a local one
     ray_actors: int | None = None  # None: one per accelerator in the cluster (one on a CPU-only cluster)
     meta_sources: tuple[str, ...] = ("tags", "signal")  # meta: where tempo and key come from, tags first
+    decode_workers: int | None = None  # audio decoding processes per device; None: the host's cores shared out
+    prefill_tokens: int = PREFILL_TOKENS  # prompt tokens per prefill pass
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -50,6 +53,10 @@ class Job:
             raise ValueError("--segment-seconds and --max-duration must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ValueError("--decode-workers must be at least 1")
+        if self.prefill_tokens < 1:
+            raise ValueError("--prefill-tokens must be at least 1")
         if not self.meta_sources or set(self.meta_sources) - {"tags", "signal"}:
             raise ValueError(f"meta sources {self.meta_sources!r}: use tags, signal or both")
 

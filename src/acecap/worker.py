@@ -1,34 +1,34 @@
-"""One annotate worker: a loaded model (or none, for meta) on one device turning chunks of files into
-records. Each file is decoded only as far as it will be used; its record never raises; -f txt sidecars are
-committed before the records that say their files are done. The same Worker runs in a thread, in a spawned
-process per device, or in a Ray actor.
+"""One annotate worker: a loaded model (or none, for meta) on one device turning a stream of files into
+records. Files are decoded ahead of the device by the input pipeline's processes (pipeline.py), each only as
+far as it will be used; clips are captioned by continuous batching (engine.py), and each file's record is saved
+as soon as it is made; it never raises. -f txt sidecars are committed before the records that say their files
+are done. The same Worker runs in a thread, in a spawned process per device, or in a Ray actor.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .audio import AudioError, Clip, load_audio
-from .batching import batch_limits, batches, caption_splitting
+from .audio import Clip
+from .batching import batch_limits, default_batch_size
 from .devices import dtype_name
 from .inputs import Item
 from .job import Job
 from .lyrics import INSTRUMENTAL, parse_transcript
+from .pipeline import Decoded, Pipeline, default_workers
 from .progress import output_flags
-from .records import RecordWriter, file_identity
+from .records import RecordWriter
 from .repetition import is_repetitive
 from .writers import atomic_write
 
@@ -40,70 +40,41 @@ SEGMENT_LIMIT_S = LONG_FILE_S  # --long-audio segment captions at most the first
 META_SECONDS = 120.0  # meta analyses the first two minutes: enough for tempo and key, ~45 MB a minute
 
 
-@dataclass
-class Decoded:
-    item: Item
-    identity: dict
-    clip: Clip | None
-    error: str | None
-    audio_s: float
+def read_seconds(job: Job, captioner) -> float | None:
+    """How much of each file is decoded: what will be used. None: that depends on a model not loaded yet."""
+    if job.task == "meta":
+        return META_SECONDS
+    if job.long_audio == "segment":
+        return SEGMENT_LIMIT_S
+    if captioner is None:
+        return None
+    full = captioner.max_duration_limit(job.decoding)
+    return full if job.long_audio == "full" else min(job.max_duration, full)
 
 
-def identity_of(item: Item) -> dict:
-    """The file's identity for its record; a file that cannot be stat'ed keeps its path only."""
-    try:
-        return file_identity(item.path)
-    except (OSError, ValueError):  # ValueError: a NUL in a name from a manifest
-        return {"path": os.path.abspath(item.path), "size": None, "mtime_ns": None}
-
-
-def decode_item(item: Item, max_seconds: float | None = None, allow_partial: bool = False) -> Decoded:
-    """The file's first `max_seconds` as a clip, or why it cannot be used."""
-    start = time.perf_counter()
-    identity = identity_of(item)
-    if item.error:
-        return Decoded(item, identity, None, item.error, 0.0)
-    try:
-        clip = load_audio(item.path, max_seconds, allow_partial)
-    except AudioError as error:
-        return Decoded(item, identity, None, str(error), time.perf_counter() - start)
-    except Exception as error:  # a decoder bug on one file must not end the run
-        return Decoded(item, identity, None, f"cannot decode: {type(error).__name__}: {error}", 0.0)
-    return Decoded(item, identity, clip, None, time.perf_counter() - start)
-
-
-def _prefetch(work, decode: Callable[[Item], Decoded], threads: int = 2) -> Iterator[list[Decoded]]:
-    """Decode the next chunk in background threads while the device works on this one."""
-    ready: queue.Queue = queue.Queue(maxsize=1)
-
-    def fill() -> None:
-        with ThreadPoolExecutor(threads, thread_name_prefix="acecap-decode") as pool:
-            for chunk in iter(work.get, None):
-                ready.put(list(pool.map(decode, chunk)))
-        ready.put(None)
-
-    threading.Thread(target=fill, daemon=True, name="acecap-prefetch").start()
-    yield from iter(ready.get, None)
+def decode_options(job: Job, seconds: float | None) -> dict:
+    """What the pipeline's `decode_item` gets for every file of the job."""
+    return {"max_seconds": seconds, "allow_partial": job.allow_partial}
 
 
 class Worker:
-    """Turns chunks of decoded files into records: with a model (caption, lyrics) or without (meta)."""
+    """Turns a stream of decoded files into records: with a model (caption, lyrics) or without (meta)."""
 
     def __init__(self, job: Job, captioner, save: Callable[[list[dict], dict[str, Path]], None], stop=None):
         """`save(records, relative)` makes records durable; `relative` maps their paths to output names.
-        `stop` (an Event), once set, ends the chunk in flight after its current batch."""
+        `stop` (an Event), once set, lets the clips on the device finish and starts no more."""
         self.job = job
         self.captioner = captioner
         self.save_records = save
+        self.saving = threading.Lock()  # error records are saved from the thread that reads the stream
         self.stop = stop
         self.max_duration = job.max_duration
-        self.read_seconds = META_SECONDS  # how much of each file is decoded: what will be used
+        self.read_seconds = read_seconds(job, captioner)
         if captioner is not None:
             full = captioner.max_duration_limit(job.decoding)
             self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
-            self.read_seconds = SEGMENT_LIMIT_S if job.long_audio == "segment" else self.max_duration
             self.limits = batch_limits(captioner, job.decoding, job.batch_size)
-        self.decode = functools.partial(decode_item, max_seconds=self.read_seconds, allow_partial=job.allow_partial)
+        self.decode_options = decode_options(job, self.read_seconds)
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -146,76 +117,88 @@ class Worker:
         return record
 
     def save(self, records: list[dict], good: list[Decoded]) -> None:
-        self.save_records(records, {d.identity["path"]: d.item.relative for d in good})
+        with self.saving:
+            self.save_records(records, {d.identity["path"]: d.item.relative for d in good})
 
-    def run_chunk(self, chunk: list[Decoded]) -> None:
-        self.save([self.record(d) for d in chunk if d.clip is None], [])
-        good = [d for d in chunk if d.clip is not None]
+    def run(self, decoded: Iterable[Decoded]) -> None:
+        """Records for a stream of decoded files, each saved as soon as it is made."""
         if self.job.task == "meta":
-            self._meta(good)
+            for one in self._clips(decoded):
+                self._meta(one)
         elif self.job.long_audio == "segment":
-            self._segments(good)
+            self._segments(decoded)
         else:
-            self._whole(good)
+            self._whole(decoded)
 
-    def _whole(self, good: list[Decoded]) -> None:
-        by_clip = {id(d.clip): d for d in good}
-        for batch in batches([d.clip for d in good], self.max_duration, self.limits):
+    def _clips(self, decoded: Iterable[Decoded]) -> Iterator[Decoded]:
+        """The decoded files that have a clip, until stopped; the others get their error record here."""
+        for one in decoded:
             if self.stopped():
                 return
-            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
-            batch_records = []
-            for clip, result in zip(batch, results, strict=True):
-                decoded = by_clip[id(clip)]
-                if isinstance(result, str):
-                    batch_records.append(self.record(decoded, error=result))
-                    continue
-                timings = {**asdict(result.timings), "audio_s": decoded.audio_s}
-                batch_records.append(
-                    self.record(
-                        decoded,
-                        **self._text_fields([result.text]),
-                        tokens=result.tokens,
-                        finished=result.finished,
-                        captioned_seconds=result.captioned_seconds,
-                        timings=timings,
-                    )
-                )
-            self.save(batch_records, good)
+            if one.clip is None:
+                self.save([self.record(one)], [])
+            else:
+                yield one
 
-    def _segments(self, good: list[Decoded]) -> None:
-        step = int(self.job.segment_seconds * 16000)
-        windows = []  # (decoded, start_s, clip)
-        for decoded in good:
-            samples = decoded.clip.samples
-            for start in range(0, len(samples), step):
-                window = Clip(samples[start : start + step], decoded.clip.source)
-                windows.append((decoded, start / 16000, window))
-        by_clip = {id(w[2]): w for w in windows}
-        texts: dict[int, list[dict]] = {id(d): [] for d in good}
-        errors: dict[int, str] = {}
-        for batch in batches([w[2] for w in windows], self.max_duration, self.limits):
-            if self.stopped():
-                return
-            results = caption_splitting(self.captioner, batch, self.job.decoding, self.max_duration)
-            for clip, result in zip(batch, results, strict=True):
-                decoded, start, _ = by_clip[id(clip)]
-                if isinstance(result, str):
-                    errors[id(decoded)] = result
-                    continue
-                texts[id(decoded)].append({"start": start, "end": start + clip.duration, "text": result.text,
-                                           "tokens": result.tokens, "finished": result.finished})  # fmt: skip
-        records = []
-        for decoded in good:
-            if id(decoded) in errors:
-                records.append(self.record(decoded, error=errors[id(decoded)]))
+    def _caption(self, items: Iterable[tuple]) -> Iterator[tuple]:
+        """The captioner's stream over (key, clip) items, within the worker's batch limits."""
+        return self.captioner.caption_stream(
+            items,
+            self.job.decoding,
+            max_duration=self.max_duration,
+            rows=self.limits.clips,
+            cache_bytes=self.limits.cache_bytes,
+            stop=self.stopped,
+        )
+
+    def _whole(self, decoded: Iterable[Decoded]) -> None:
+        for one, result in self._caption((one, one.clip) for one in self._clips(decoded)):
+            if isinstance(result, str):
+                self.save([self.record(one, error=result)], [one])
                 continue
-            segments = sorted(texts[id(decoded)], key=lambda s: s["start"])
+            timings = {**asdict(result.timings), "audio_s": one.audio_s}
+            record = self.record(
+                one,
+                **self._text_fields([result.text]),
+                tokens=result.tokens,
+                finished=result.finished,
+                captioned_seconds=result.captioned_seconds,
+                timings=timings,
+            )
+            self.save([record], [one])
+
+    def _segments(self, decoded: Iterable[Decoded]) -> None:
+        """Consecutive windows of each file captioned in the stream; a file's record once all its windows are."""
+        step = int(self.job.segment_seconds * 16000)
+        files: dict[int, dict] = {}  # id(decoded) -> its windows left, segments and first error
+
+        def windows() -> Iterator[tuple]:
+            for one in self._clips(decoded):
+                samples = one.clip.samples
+                files[id(one)] = {"left": -(-len(samples) // step), "segments": [], "error": None}
+                for start in range(0, len(samples), step):
+                    window = Clip(samples[start : start + step], one.clip.source)
+                    yield (one, start / 16000, window.duration), window
+
+        for (one, start, seconds), result in self._caption(windows()):
+            state = files[id(one)]
+            state["left"] -= 1
+            if isinstance(result, str):
+                state["error"] = state["error"] or result
+            else:
+                state["segments"].append({"start": start, "end": start + seconds, "text": result.text,
+                                          "tokens": result.tokens, "finished": result.finished})  # fmt: skip
+            if state["left"]:
+                continue
+            del files[id(one)]
+            if state["error"]:
+                self.save([self.record(one, error=state["error"])], [one])
+                continue
+            segments = sorted(state["segments"], key=lambda s: s["start"])
             tokens = sum(s["tokens"] for s in segments)
             fields = self._text_fields([s["text"] for s in segments])
             finished = all(s["finished"] for s in segments)
-            records.append(self.record(decoded, **fields, tokens=tokens, finished=finished, segments=segments))
-        self.save(records, good)
+            self.save([self.record(one, **fields, tokens=tokens, finished=finished, segments=segments)], [one])
 
     def _text_fields(self, texts: list[str]) -> dict:
         """The record's fields for the model's text (one per segment): a caption as it is (of segments, the
@@ -236,24 +219,19 @@ class Worker:
             "repetitive": repetitive,
         }
 
-    def _meta(self, good: list[Decoded]) -> None:
-        """Tempo, key and metre of each file, from the signal; a failure is that file's error record."""
+    def _meta(self, decoded: Decoded) -> None:
+        """Tempo, key and metre of the file, from the signal; a failure is its error record."""
         from .meta import describe
 
-        records = []
-        for decoded in good:
-            if self.stopped():
-                break
-            start = time.perf_counter()
-            try:
-                meta = describe(decoded.item.path, decoded.clip.samples, self.job.meta_sources)
-            except Exception as error:  # one file's analysis failing must not end the run
-                records.append(self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}"))
-                continue
-            fields = {key: value for key, value in meta.to_dict().items() if key != "duration"}
-            timings = {"audio_s": decoded.audio_s, "total_s": time.perf_counter() - start}
-            records.append(self.record(decoded, meta=meta.summary(), **fields, timings=timings))
-        self.save(records, good)
+        start = time.perf_counter()
+        try:
+            meta = describe(decoded.item.path, decoded.clip.samples, self.job.meta_sources)
+        except Exception as error:  # one file's analysis failing must not end the run
+            self.save([self.record(decoded, error=f"analysis failed: {type(error).__name__}: {error}")], [decoded])
+            return
+        fields = {key: value for key, value in meta.to_dict().items() if key != "duration"}
+        timings = {"audio_s": decoded.audio_s, "total_s": time.perf_counter() - start}
+        self.save([self.record(decoded, meta=meta.summary(), **fields, timings=timings)], [decoded])
 
 
 def sidecar_path(job: Job, relative: Path) -> Path:
@@ -288,7 +266,8 @@ def load_captioner(job: Job, device: str):
     if job.task == "meta":
         return None
     return Captioner.from_pretrained(job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub,
-                                     prompt=job.prompt, decoder=job.decoder, quant=job.quant)  # fmt: skip
+                                     prompt=job.prompt, decoder=job.decoder, quant=job.quant,
+                                     prefill_tokens=job.prefill_tokens)  # fmt: skip
 
 
 def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None, tuple[str, ...]]]:
@@ -318,27 +297,51 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def decode_workers(job: Job) -> int:
+    """Decoding processes for each device's worker: --decode-workers, or the host's cores shared out."""
+    return job.decode_workers or default_workers(len(job.devices))
+
+
+def _items(work, stop) -> Iterator[Item]:
+    """The files of the queue's chunks, until the queue says stop or the run is stopped."""
+    for chunk in iter(work.get, None):
+        if stop.is_set():
+            return
+        yield from chunk
+
+
 def worker_main(job: Job, rank: int, device: str, run_id: str, work, events, stop, in_process: bool) -> None:
-    """Body of each worker, thread or process: load once, then take chunks until the queue says stop."""
+    """Body of each worker, thread or process: load once, then caption the files of the queue's chunks as they
+    are decoded, until the queue says stop."""
     if in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
         _die_with_parent()
-    try:
-        captioner = load_captioner(job, device)
-    except Exception as error:
-        events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
-        return
-    writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
+    items = _items(work, stop)
+    ahead = job.batch_size or default_batch_size(device.partition(":")[0])
+    with contextlib.ExitStack() as pipelines:
+        decoded = None
+        early = read_seconds(job, None)
+        # One device: decoding starts while the model loads, where how much of each file to decode does not
+        # depend on the model. With several, a device whose model fails to load must not hold others' files.
+        if len(job.devices) == 1 and early is not None:
+            pipeline = pipelines.enter_context(Pipeline(decode_workers(job), decode_options(job, early)))
+            decoded = pipeline.decode(items, ahead)
+        try:
+            captioner = load_captioner(job, device)
+        except Exception as error:
+            events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
+            return
+        writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
 
-    def save(records: list[dict], relative: dict[str, Path]) -> None:
-        records = commit(job, writer, records, relative)
-        events.put(("records", rank, summarise_records(records), None))
+        def save(records: list[dict], relative: dict[str, Path]) -> None:
+            records = commit(job, writer, records, relative)
+            events.put(("records", rank, summarise_records(records), None))
 
-    worker = Worker(job, captioner, save, stop)
-    loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
-    events.put(("loaded", rank, *loaded))
-    for chunk in _prefetch(work, worker.decode):
-        if stop.is_set():
-            break
-        worker.run_chunk(chunk)
+        worker = Worker(job, captioner, save, stop)
+        loaded = (str(captioner.device), captioner.load_s) if captioner else ("cpu", 0.0)
+        events.put(("loaded", rank, *loaded))
+        if decoded is None:
+            pipeline = pipelines.enter_context(Pipeline(decode_workers(job), worker.decode_options))
+            decoded = pipeline.decode(items, ahead)
+        worker.run(decoded)
     events.put(("exit", rank, device, None))
