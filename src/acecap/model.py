@@ -79,13 +79,14 @@ def load_thinker(folder: str | Path, device: torch.device, dtype: torch.dtype, q
 
 
 def _from_checkpoint(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
-    model, info = AudioThinker.from_pretrained(
-        folder,
-        dtype=dtype,
-        device_map={"": device},
-        attn_implementation="sdpa",
-        output_loading_info=True,
-    )
+    with quiet_config_checks():  # from_pretrained reads config.json again
+        model, info = AudioThinker.from_pretrained(
+            folder,
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation="sdpa",
+            output_loading_info=True,
+        )
     missing = info.get("missing_keys") or []
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
@@ -175,7 +176,10 @@ def save_prequantized(thinker: AudioThinker, source: str | Path, folder: str | P
 
 def load_processor(folder: str | Path) -> Qwen2_5OmniProcessor:
     with quiet_config_checks():  # the tokenizer's loader reads the whole config.json
-        return Qwen2_5OmniProcessor.from_pretrained(folder)
+        # 4.57 warns that its default image processor changed unless told (acecap never reads images); 5.x
+        # deprecates the option
+        options = {"use_fast": True} if compat.VERSION.major < 5 else {}
+        return Qwen2_5OmniProcessor.from_pretrained(folder, **options)
 
 
 def render_prompt(processor: Qwen2_5OmniProcessor, prompt: str) -> str:
