@@ -126,3 +126,11 @@ def test_on_step_streams_each_rows_tokens(tiny_model, decoder):
     for row, result in enumerate(results):
         streamed = [step[row] for step in steps][: result.tokens]
         assert captioner.processor.tokenizer.decode(streamed, skip_special_tokens=True).strip() == result.text
+
+
+def test_a_prompt_holding_the_audio_placeholder_is_refused(captioner):
+    """Its placeholder would be read as text beside the real audio: the clip gets a clear error instead."""
+    clip = to_clip(np.full(16_000, 0.1, np.float32), 16_000)
+    with pytest.raises(ValueError, match="must not contain the audio placeholder"):
+        captioner.caption_clips([clip], Decoding(max_new_tokens=2), prompts=["Describe <|AUDIO|> in detail"])
+    assert captioner.caption_clips([clip], Decoding(max_new_tokens=2), prompts=["Describe it"])[0].tokens == 2

@@ -336,6 +336,8 @@ class Captioner:
         """The chat text's token ids before and after its one audio placeholder."""
         if text not in self._chat_ids:
             ids = self.processor.tokenizer(text)["input_ids"]
+            if ids.count(self.audio_id) != 1:  # a prompt naming <|AUDIO|> itself would read a placeholder as text
+                raise ValueError("the prompt must not contain the audio placeholder <|AUDIO|>")
             at = ids.index(self.audio_id)
             self._chat_ids[text] = (ids[:at], ids[at + 1 :])
         return self._chat_ids[text]
