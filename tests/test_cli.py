@@ -108,6 +108,7 @@ def test_help_teaches():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--decode-workers", "--prefill-tokens"])
 def test_annotate_refuses_a_pipeline_without_room_before_loading(tiny_model, tmp_path, flag):
     result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), flag, "0")

@@ -190,6 +190,7 @@ print(json.dumps({"alone": alone, "stream": [results[c.source] if isinstance(res
 """
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_rows_and_loses_nothing(tiny_model):
     """A real allocation failure (address space capped), not a simulated one."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_ARENA_MAX="1")

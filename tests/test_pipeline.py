@@ -199,6 +199,7 @@ def decode_workers_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_9_of_annotate_leaves_no_decode_process(tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     for path in songs(tmp_path / "in", 2, seconds=3.0):

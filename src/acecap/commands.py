@@ -247,7 +247,7 @@ def bench_command(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         log=lambda line: print(line, file=sys.stderr),
     )
-    print((args.output_dir / "bench.md").read_text(), end="")
+    print(f"report: {args.output_dir / 'bench.md'} (with bench.json and bench.png)")
     return 1 if any(run.get("error") for run in report["runs"]) else 0
 
 

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import re
 import resource
 import sys
 import time
@@ -168,19 +169,41 @@ def now(device: torch.device) -> float:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the allocator's on a card; on Linux CPUs the process's resident high-water mark."""
     if device.type in ("cuda", "npu"):
         _backend(device).reset_peak_memory_stats(device)
+    elif device.type == "cpu" and _STATUS.is_file():
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current resident size
+        except OSError:
+            pass  # not allowed here: the peak stays the process's since it started
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes allocated on the device since the last reset; the process's peak RSS on cpu."""
+    """Peak bytes allocated on the device since the last reset; on the CPU the process's peak resident memory
+    since the last reset (Linux) or since it started (elsewhere)."""
     if device.type in ("cuda", "npu"):
         return int(_backend(device).max_memory_allocated(device))
     if device.type == "mps":
         return int(torch.mps.driver_allocated_memory())
+    if _STATUS.is_file():
+        return _status_bytes("VmHWM")
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def resident_memory() -> int:
+    """The process's resident memory now (Linux), 0 where it cannot be read."""
+    return _status_bytes("VmRSS") if _STATUS.is_file() else 0
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M)
+    return int(match.group(1)) * 1024 if match else 0
 
 
 def memory_info(device: torch.device) -> tuple[int, int] | None:
