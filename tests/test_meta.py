@@ -106,3 +106,43 @@ def test_the_accuracy_program_counts_right(tmp_path):
     assert f"| all | {len(rows)} | {total['bpm_within_2']:.0%} |" in table
     with pytest.raises(ValueError, match="held out"):
         meta.clips("issue", "dev", 1, 12.0)
+
+
+fitting = load_program("meta_fit")
+
+
+def test_the_level_fit_is_a_conditional_logit():
+    rng = np.random.default_rng(0)
+    n = len(fitting.rhythm.LEVEL_FEATURES)
+    clips = [fitting.Clip("synth", rng.standard_normal((4, n)), np.array([True, False, False, False]))]
+    clips.append(fitting.Clip("synth", rng.standard_normal((3, n)), np.ones(3, dtype=bool)))  # carries nothing
+    weights = rng.standard_normal(n)
+    value, gradient = fitting.loss(weights, clips, 0.5)
+    scores = clips[0].features @ weights
+    expected = -(scores[0] - np.log(np.exp(scores).sum())) + 0.5 * weights @ weights
+    assert value == pytest.approx(expected)
+    step = 1e-6 * np.eye(n)[3]
+    numeric = (fitting.loss(weights + step, clips, 0.5)[0] - fitting.loss(weights - step, clips, 0.5)[0]) / 2e-6
+    assert gradient[3] == pytest.approx(numeric, rel=1e-4)
+    # Separable clips: the right candidate has the larger first feature; the fit finds it.
+    separable = []
+    for _ in range(20):
+        features = rng.standard_normal((3, n))
+        right = np.zeros(3, dtype=bool)
+        right[int(np.argmax(features[:, 0]))] = True
+        separable.append(fitting.Clip("scores", features, right))
+    fitted = fitting.fit(separable, 0.01)
+    assert fitting.accuracy(fitted, separable) == 1.0
+    assert fitting.accuracy(-fitted, separable) < 0.5
+    assert fitting.accuracy(fitted, [fitting.Clip("synth", np.zeros((0, n)), np.zeros(0, dtype=bool))]) == 0.0
+
+
+def test_the_level_fit_runs_on_the_dev_split_only(tmp_path):
+    report = fitting.main(["--corpus", "synth", "--cases", "5", "--seconds", "12", "-o", str(tmp_path)])
+    assert report["clips"] == {"synth": 5}
+    assert set(report["weights"]) == set(fitting.rhythm.LEVEL_FEATURES)
+    assert report["l2"] in fitting.L2_GRID
+    assert report["cross_validated"][str(report["l2"])] == max(report["cross_validated"].values())
+    assert "LEVEL_WEIGHTS = np.array([" in (tmp_path / "meta-fit.md").read_text()
+    with pytest.raises(SystemExit):
+        fitting.main(["--corpus", "issue", "-o", str(tmp_path)])

@@ -8,7 +8,9 @@ the low band (kick), the middle (snare, claps) and the top (hi-hats, cymbals), p
 for music without drums. The periodicity of their sum under a log-normal tempo prior (as librosa's) gives
 a first period; of it and its relatives (×⅓, ×½, ×⅔, ×3/2, ×2, ×3) the beat is the level whose points all
 carry the accents while the points between them do not, near the tempi people tap, and where the snare
-alternates from beat to beat. The tempo is then the slope of the tracked beats (drift
+alternates from beat to beat. These cues are weighed by a conditional logit over the candidate levels whose
+weights were fitted on the dev split of `benchmarks/meta.py` (`benchmarks/meta_fit.py`), so a level's
+confidence is its probability under that model. The tempo is then the slope of the tracked beats (drift
 averages out), and the metre comes from how beats subdivide (2 or 3) and group (3 or 4).
 """
 
@@ -31,13 +33,31 @@ PRIOR_BPM, PRIOR_OCTAVES = 100.0, 1.0  # a broad log-normal prior over felt temp
 RATIOS = (1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0)  # the metrical relatives of a first period
 SUBDIVISIONS = (0.0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4)  # where in a beat the accents are sampled
 COMPOUND_THRESHOLD = 0.1  # log ratio of onsets at a beat's thirds to those at its halves: clearly more at thirds
-WEIGHTS = {"prior": 1.0, "uniform": 1.0, "between": 0.25, "periodic": 1.0, "backbeat": 2.0}
+VOICES = ("kick", "snare", "hats", "bass", "tonal")
+LEVEL_FEATURES = (
+    "prior",  # -(octaves from PRIOR_BPM)²: felt tempi cluster around it (Moelants 2002)
+    "faster",  # octaves above PRIOR_BPM: lets the fit move the prior's centre
+    "uniform",  # every beat carries an accent, not only every other one
+    "uniform_triple",  # nor only every third one
+    "between_half",  # the point halfway between beats carries less than the beats
+    "between_third",  # and so do the points at a third and two thirds
+    "periodic",  # the voices repeat at this period
+    "backbeat",  # the snare alternates from beat to beat (Goto 2001)
+    "hats_between",  # hi-hats subdivide the beat
+    *(f"{voice}_{cue}" for voice in VOICES for cue in ("half", "third", "balance")),  # the same, voice by voice
+)
+# Fitted by benchmarks/meta_fit.py on the dev split (conditional logit, L2 0.1 by cross-validation; docs/benchmarks.md).
+LEVEL_WEIGHTS = np.array([
+    2.75, -1.15, 5.25, 1.64, 0.83, 3.56, 1.54, 5.82, -0.93,
+    -0.01, 0.17, -0.22, -1.61, 0.31, -0.45, 0.65, -0.22, 1.51, 0.11, 0.1, -0.47, 0.12, 0.74, -1.06,
+])  # fmt: skip
 
 
 @dataclass
 class Envelopes:
-    """Onset strength per frame at FPS frames per second, each scaled to unit mean."""
+    """Onset strength per frame at FPS frames per second, each scaled to unit mean; and the spectrum."""
 
+    bands: np.ndarray  # log-mel spectrum, N_MELS × frames
     full: np.ndarray  # every band, unseparated
     kick: np.ndarray  # percussive, below LOW_HZ
     snare: np.ndarray  # percussive, LOW_HZ to HIGH_HZ
@@ -102,6 +122,7 @@ def envelopes(samples: np.ndarray) -> Envelopes:
 
     everything = np.ones(N_MELS, dtype=bool)
     return Envelopes(
+        bands=bands,
         full=flux(bands, everything),
         kick=flux(percussive, low),
         snare=flux(percussive, middle),
@@ -185,58 +206,69 @@ def fitted_bpm(envelope: np.ndarray, beats: np.ndarray) -> float:
     return _bpm(slope)
 
 
-def _level(e: Envelopes, accent: np.ndarray, onsets: np.ndarray, periodicity: float, lag: float) -> Level:
-    """Track beats at `lag` and score the level (in log terms, each term a property of a beat level):
-    - prior: felt tempi cluster around PRIOR_BPM (Moelants 2002; librosa's prior);
-    - uniform: every beat carries an accent, not only every other one (at twice the tempo, the off-beats
-      carry only hi-hats);
-    - between: the points between beats carry less than the beats (at half the tempo, the snare falls
-      between);
-    - periodic: the accents repeat at this period;
-    - backbeat: the snare alternates from beat to beat (a backbeat: the beat is half the snare's period).
-    """
-    beats = track(onsets, lag)
-    if len(beats) < 8:
-        return Level(lag, beats, -np.inf)
-    profile = at_fractions(accent, beats, SUBDIVISIONS)
+def _share(smaller: float, larger: float) -> float:
+    return min(1.0, smaller / (larger + 1e-9))
+
+
+def level_features(e: Envelopes, lag: float, periodicity: float, beats: np.ndarray) -> np.ndarray:
+    """The cues of LEVEL_FEATURES for beats tracked at `lag` frames: at twice the tempo the off-beats carry only
+    hi-hats (uniform); at half the tempo the snare falls between beats (between, backbeat); at a third, the
+    waltz's second and third beats do (between_third)."""
+    profile = at_fractions(e.accent, beats, SUBDIVISIONS)
     on = profile[:, 0]
-    even, odd = on[0::2].mean(), on[1::2].mean()
-    uniform = min(even, odd) / (max(even, odd) + 1e-9)
+    pairs = on[0::2].mean(), on[1::2].mean()
+    triples = on[: len(on) // 3 * 3].reshape(-1, 3).mean(axis=0)
     means = profile.mean(axis=0)
-    between = min(1.0, max(means[3], means[2], means[4]) / (means[0] + 1e-9))
     snare = at_fractions(e.snare, beats, (0.0,))[:, 0]
     backbeat = abs(snare[0::2].mean() - snare[1::2].mean()) / (snare[0::2].mean() + snare[1::2].mean() + 1e-9)
-    w = WEIGHTS
-    score = (
-        w["prior"] * -0.5 * (np.log2(_bpm(lag) / PRIOR_BPM) / PRIOR_OCTAVES) ** 2
-        + w["uniform"] * np.log(uniform + 0.05)
-        + w["between"] * np.log(1.0 - between + 0.05)
-        + w["periodic"] * periodicity
-        + w["backbeat"] * backbeat
-    )
-    return Level(lag, beats, float(score))
+    hats = at_fractions(e.hats, beats, SUBDIVISIONS).mean(axis=0)
+    octaves = np.log2(_bpm(lag) / PRIOR_BPM)
+    features = [
+        -(octaves**2),
+        octaves,
+        np.log(_share(min(pairs), max(pairs)) + 0.05),
+        np.log(_share(triples.min(), triples.max()) + 0.05),
+        np.log(1.0 - _share(means[3], means[0]) + 0.05),
+        np.log(1.0 - _share(max(means[2], means[4]), means[0]) + 0.05),
+        periodicity,
+        backbeat,
+        np.log(_share(max(hats[2], hats[3], hats[4]), hats[0]) + 0.05),
+    ]
+    for voice in VOICES:
+        voice_profile = at_fractions(np.log1p(getattr(e, voice)), beats, SUBDIVISIONS)
+        m = voice_profile.mean(axis=0) + 1e-3
+        even, odd = voice_profile[0::2, 0].mean() + 1e-3, voice_profile[1::2, 0].mean() + 1e-3
+        features += [np.log(m[3] / m[0]), np.log(max(m[2], m[4]) / m[0]), -abs(np.log(even / odd))]
+    return np.array(features)
 
 
-def beat_level(e: Envelopes) -> tuple[Level | None, float]:
-    """The beat level and a confidence: the chosen level's share of the candidates' likelihood."""
-    accent, onsets = e.accent, e.onsets
+def candidates(e: Envelopes) -> list[tuple[float, float, np.ndarray]]:
+    """(lag, periodicity, tracked beats) for a first period and its metrical relatives in the tempo range."""
     acf = autocorrelation(e.voices)
     parts = [autocorrelation(x) for x in (e.kick + e.snare, e.bass, e.tonal)]
     first = first_period(acf)
-    levels = []
+    found = []
     for ratio in RATIOS:
         lag = first / ratio
         if not _bpm(TEMPO_RANGE[1]) <= lag <= _bpm(TEMPO_RANGE[0]) or lag >= len(acf) - 2:
             continue
         lag = _peak_lag(acf, lag, 0.04)
-        periodicity = float(np.mean([part[int(round(lag))] for part in parts]))
-        levels.append(_level(e, accent, onsets, periodicity, lag))
-    scores = np.array([level.score for level in levels])
-    if not np.isfinite(scores).any():
+        beats = track(e.onsets, lag)
+        if len(beats) >= 8:
+            found.append((lag, float(np.mean([part[int(round(lag))] for part in parts])), beats))
+    return found
+
+
+def beat_level(e: Envelopes) -> tuple[Level | None, float]:
+    """The most likely beat level and its probability among the candidates."""
+    levels = [
+        Level(lag, beats, float(level_features(e, lag, p, beats) @ LEVEL_WEIGHTS)) for lag, p, beats in candidates(e)
+    ]
+    if not levels:
         return None, 0.0
-    best = levels[int(np.argmax(scores))]
+    scores = np.array([level.score for level in levels])
     likelihood = np.exp(scores - scores.max())
-    return best, float(1.0 / likelihood.sum())
+    return levels[int(np.argmax(scores))], float(1.0 / likelihood.sum())
 
 
 def _contrast(values: np.ndarray, group: int) -> float:
@@ -248,12 +280,28 @@ def _contrast(values: np.ndarray, group: int) -> float:
     return float((means.max() - np.delete(means, means.argmax()).mean()) / (values.std() + 1e-9))
 
 
+def bar_similarity(e: Envelopes, beats: np.ndarray) -> dict[int, float]:
+    """How alike the spectra at beats `n` apart are (mean cosine, for n = 2, 3, 4): bars repeat, so beats one
+    bar apart sound alike (a beat similarity matrix, after Gainza 2009). The spectrum is taken over each
+    beat's first quarter, where the beat's own sounds are."""
+    spans = np.diff(beats)
+    frames = [
+        e.bands[:, start : start + max(1, int(round(0.25 * span)))].mean(axis=1)
+        for start, span in zip(beats[:-1], spans, strict=True)
+    ]
+    spectra = np.stack(frames)
+    spectra = spectra - spectra.mean(axis=0)
+    spectra /= np.linalg.norm(spectra, axis=1, keepdims=True) + 1e-9
+    return {n: float(np.mean(np.sum(spectra[:-n] * spectra[n:], axis=1))) for n in (2, 3, 4)}
+
+
 def metre(e: Envelopes, beats: np.ndarray, harmony: np.ndarray | None = None) -> tuple[int, float]:
     """Beats per bar as ACE-Step writes it (4, 3, or 6 for compound metre) and a confidence.
 
     Compound when beats divide in three (notes at a third and two thirds of the beat, not at its half; a
     swing's long–short has only the two-thirds); otherwise 3 or 4 by the grouping in which one beat stands
-    out: in the kick and bass, in loudness, and in the harmony's changes (`harmony`: change per beat).
+    out (in the kick and bass, in loudness, and in the harmony's changes: `harmony`, change per beat) and
+    at which beats sound alike (bar_similarity).
     """
     thirds = []
     for envelope in (e.hats, e.tonal):  # the subdividing voices: cymbals, chords and melody
@@ -268,8 +316,11 @@ def metre(e: Envelopes, beats: np.ndarray, harmony: np.ndarray | None = None) ->
     evidence = [low, loud] + ([harmony] if harmony is not None else [])
     triple = np.mean([_contrast(x, 3) for x in evidence])
     duple = np.mean([max(_contrast(x, 2), _contrast(x, 4)) for x in evidence])
-    confidence = (1.0 - np.exp(ternary / 0.3)) * abs(triple - duple) / (abs(triple) + abs(duple) + 1e-9)
-    return (3 if triple > duple else 4), float(confidence)
+    alike = bar_similarity(e, beats)
+    by_sound = alike[3] - max(alike[2], alike[4])
+    vote = triple - duple + by_sound
+    confidence = (1.0 - np.exp(ternary / 0.3)) * abs(vote) / (abs(triple) + abs(duple) + abs(by_sound) + 1e-9)
+    return (3 if vote > 0 else 4), float(min(1.0, confidence))
 
 
 def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | None = None) -> Rhythm:
