@@ -102,8 +102,6 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .acestep import FORMATS
-
     parser = argparse.ArgumentParser(
         prog="acecap",
         description="Label music with the ACE-Step Captioner (descriptions) and Transcriber (lyrics) "
@@ -113,7 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"acecap {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _caption_parser(commands)
+    _annotate_parser(commands)
+    _bench_parser(commands)
+    _compare_parser(commands)
+    _serve_parser(commands)
+    _review_parser(commands)
+    _quantize_parser(commands)
+    _doctor_parser(commands)
+    return parser
 
+
+def _caption_parser(commands) -> None:
     caption = commands.add_parser(
         "caption", help="caption (or transcribe) audio files and print the text",
         description="Print one caption per file on stdout; per-file figures go to stderr. "
@@ -127,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "json writes <name>.<task>.json, jsonl appends to <task>.jsonl. Default: txt")  # fmt: skip
     _model_options(caption)
     _generation_options(caption)
+
+
+def _annotate_parser(commands) -> None:
+    from .acestep import FORMATS
 
     annotate = commands.add_parser(
         "annotate", help="label whole folders into OUT/annotations.jsonl: batched, resumable, robust",
@@ -203,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="actors to start (default one per card of --device's kind in the cluster; one "
                        "on a CPU-only cluster)")  # fmt: skip
 
+
+def _bench_parser(commands) -> None:
     bench = commands.add_parser(
         "bench", help="measure speed: time to first token, tok/s, audio-s/s, memory, per decoder and batch size",
         description="Time captioning on one device: every decoder at every batch size, each point after a "
@@ -228,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"most prompt tokens one prefill pass takes (default {PREFILL_TOKENS})")  # fmt: skip
     bench.add_argument("-o", "--output-dir", type=Path, default=Path("bench"), help="report folder (default bench)")
 
+
+def _compare_parser(commands) -> None:
     compare = commands.add_parser(
         "compare", help="check a device and dtype against a reference: tokens, logits and every layer",
         description="Run one model on two sides (DEVICE:DTYPE, one loaded at a time) over a built-in suite "
@@ -257,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="report folder (default precision)")  # fmt: skip
     _model_options(compare, device=False)
 
+
+def _serve_parser(commands) -> None:
     serve = commands.add_parser(
         "serve", help="an OpenAI-compatible captioning service that batches concurrent requests",
         description="Serve POST /v1/chat/completions (audio as input_audio base64 or audio_url), "
@@ -330,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads reading file:// and http(s) audio, apart from those checking and decoding "
                        "requests (default 32)")  # fmt: skip
 
+
+def _review_parser(commands) -> None:
+    from .acestep import FORMATS
+
     review = commands.add_parser(
         "review", help="listen to an annotate job's files and check and correct their labels in the browser",
         description="Serve a local web page over an annotate output folder: a table of every file (sort, "
@@ -358,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--export-to", type=Path, metavar="DIR",
                        help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
 
+
+def _quantize_parser(commands) -> None:
     quantize = commands.add_parser(
         "quantize", help="write a pre-quantized copy of a checkpoint that loads fast",
         description="Load MODEL with its language model's linear layers quantized, on --device, and write DIR: "
@@ -373,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--hub", choices=["auto", "modelscope", "huggingface"], default="auto",
                           help="where to download a hub id from (default auto)")  # fmt: skip
 
+
+def _doctor_parser(commands) -> None:
     doctor = commands.add_parser(
         "doctor", help="print the environment and run a tiny model end to end",
         description="Print Python, torch, torch_npu/CANN, transformers and the devices with their free memory, "
@@ -381,7 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     doctor.add_argument("--device", default="auto", help="device to test (default auto)")
     doctor.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    return parser
 
 
 BENCH_EXAMPLES = """\
