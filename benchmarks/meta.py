@@ -9,8 +9,9 @@ Corpora, built by different methods:
 
 Splits: `dev` draws seeds from 0, `heldout` from 100000, `heldout2` from 200000. Develop and tune on dev only
 (benchmarks/meta_fit.py fits the beat-level weights on it); run a held-out split once, to report. `heldout`
-was run and its misses studied in an earlier round, so `heldout2` is the one never looked at before its run. Every clip is written as a 44.1 kHz stereo file and read back through acecap's own audio loader,
-then analysed as `acecap annotate --tasks meta` does.
+was run and its misses studied in an earlier round, so `heldout2` is the one never looked at before its run.
+Every clip is written as a 44.1 kHz stereo file and read back through acecap's own audio loader, then
+analysed as `acecap annotate --tasks meta` does.
 
 Scores: tempo within ±2 BPM (a half or double is wrong), MIREX Acc1 (±4 %) and Acc2 (±4 % of the tempo or
 its double, half, triple or third); key exact and the MIREX weighted score (1 exact, 0.5 the dominant,

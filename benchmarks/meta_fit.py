@@ -127,7 +127,7 @@ def markdown(result: dict) -> str:
     for corpus, share in result["fitted_on_the_other_corpus"].items():
         lines.append(f"Fitted without `{corpus}`, then scored on it: {share:.1%}.")
     values = ", ".join(f"{v:g}" for v in result["weights"].values())
-    lines += ["", "```python", f"LEVEL_WEIGHTS = np.array([{values}])", "```"]
+    lines += ["", "```", f"LEVEL_WEIGHTS = np.array([{values}])", "```"]
     return "\n".join(lines)
 
 

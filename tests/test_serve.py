@@ -24,8 +24,9 @@ import soundfile
 
 from acecap import Captioner, Decoding
 from acecap.audio import Clip, decode_audio
+from acecap.features import audio_tokens, feature_frames
 from acecap.fetch import AudioAccess
-from acecap.prompts import PromptRules, audio_tokens
+from acecap.prompts import PromptRules
 from acecap.serve import ServeConfig, running
 
 PROMPT = "*Task* Describe this audio in detail"
@@ -421,8 +422,9 @@ def test_audio_tokens_are_what_the_model_reads(captioner):
     for samples in (321, 400, 16_000, 16_161, 160_000 + 7, 45 * 16_000):
         clip = Clip(np.full(samples, 0.1, np.float32), "tone")
         result = captioner.caption_clips([clip], Decoding(max_new_tokens=1))[0]
-        assert result.prompt_tokens == rules.default_tokens + audio_tokens(samples), samples
-    assert audio_tokens(16_000) == 25 and audio_tokens(320) == 0 and audio_tokens(321) == 1
+        assert result.prompt_tokens == rules.default_tokens + audio_tokens(feature_frames(samples)), samples
+    tokens = [audio_tokens(feature_frames(n)) for n in (16_000, 320, 321)]
+    assert tokens == [25, 0, 1]
 
 
 def test_the_prompt_must_fit_the_context_beside_audio_and_max_tokens(short_context_model):

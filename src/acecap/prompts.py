@@ -9,15 +9,8 @@ import re
 import weakref
 
 from .chat import APIError
+from .features import audio_tokens, feature_frames
 from .model import render_prompt
-
-
-def audio_tokens(samples: int, hop_length: int = 160) -> int:
-    """The tokens Qwen2.5-Omni's audio encoder makes of `samples` at 16 kHz: one feature frame per
-    `hop_length` samples, halved by a stride-2 convolution and again by pooling (25 per second)."""
-    frames = -(-samples // hop_length)
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
-
 
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # captioner -> its PromptRules
 
@@ -42,7 +35,8 @@ class PromptRules:
         self.default_prompt = captioner.prompt
         self.default_tokens = captioner.prompt_tokens - 1  # its one <|AUDIO|> placeholder aside
         self.hop_length = self.processor.feature_extractor.hop_length
-        self.shortest = next(n for n in range(1, 10 * self.hop_length) if audio_tokens(n, self.hop_length) >= 1)
+        makes_a_token = (n for n in range(1, 10 * self.hop_length) if audio_tokens(feature_frames(n, self.hop_length)))
+        self.shortest = next(makes_a_token)  # the fewest samples that make one audio token
         added = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
         self.control = re.compile("|".join(map(re.escape, added))) if added else None
         # Byte-level BPE: a token spans at most this many characters, so longer texts need no tokenizing.
@@ -79,7 +73,7 @@ class PromptRules:
     def check_total(self, text_tokens: int, samples: int, max_tokens: int) -> int:
         """The whole prompt's tokens (text and audio); 400 when the audio is too short to make a token, or
         when prompt and max_tokens pass the context."""
-        audio = audio_tokens(samples, self.hop_length)
+        audio = audio_tokens(feature_frames(samples, self.hop_length))
         if audio < 1:
             raise APIError(400, f"the audio is {samples} samples at 16 kHz after resampling; the model needs at "
                            f"least {self.shortest} ({self.shortest / 16:.0f} ms)")  # fmt: skip
