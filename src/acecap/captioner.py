@@ -17,11 +17,12 @@ from . import quant as quantization
 from .audio import SAMPLE_RATE, Clip, load_audio, to_clip
 from .decode import PREFILL_TOKENS, cache_bytes_per_token, choose_decoder
 from .encoder import encode_audio
-from .engine import Finished, PaddedWave, Pending, StaticWave, run_wave, stream
+from .engine import stream
 from .features import FEATURE_MARGIN, LogMel, audio_tokens, feature_frames
 from .generate import Decoding
 from .hub import resolve_model, revision_of
 from .model import TASKS, load_processor, load_thinker, render_prompt, resident_bytes
+from .waves import Finished, PaddedWave, Pending, StaticWave, run_wave
 
 log = logging.getLogger("acecap")
 

@@ -18,7 +18,6 @@ import torch
 from . import compat, devices
 from .audio import SAMPLE_RATE, Clip
 from .captioner import DEFAULT_MAX_DURATION, Captioner
-from .engine import generate_prompts
 from .fidelity import (
     character_similarity,
     first_divergence,
@@ -33,6 +32,7 @@ from .generate import Decoding
 from .hub import resolve_model
 from .model import TASKS, resident_bytes
 from .quant import QUANTS
+from .waves import generate_prompts
 
 
 @dataclass(frozen=True)

@@ -122,11 +122,15 @@ def quiet_config_checks():
             log.removeFilter(quiet)
 
 
+def official_key(name: str) -> str:
+    """State-dict names as the released checkpoint spells them (transformers >= 5.21 nests the thinker)."""
+    name = re.sub(r"^thinker\.model\.(audio_tower|visual)\.", r"thinker.\1.", name)
+    return re.sub(r"^thinker\.model\.language_model\.", "thinker.model.", name)
+
+
 def _load_prequantized(folder: str | Path, device: torch.device, dtype: torch.dtype) -> AudioThinker:
     """A folder written by `acecap quantize`: the thinker built without weights, then given the saved ones."""
     from accelerate import init_empty_weights
-
-    from .tiny import official_key
 
     config = thinker_config(folder)
     config._attn_implementation = "sdpa"
@@ -168,8 +172,6 @@ def write_quantized(source: str | Path, folder: str | Path, quant: str, device: 
 
 def save_prequantized(thinker: AudioThinker, source: str | Path, folder: str | Path, info: dict) -> Path:
     """Write a loaded (quantized) thinker as a pre-quantized folder, under the checkpoint's own names."""
-    from .tiny import official_key
-
     state = {official_key(f"thinker.{name}"): tensor for name, tensor in thinker.state_dict().items()}
     return quantization.save(state, source, folder, info)
 

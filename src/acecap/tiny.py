@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -178,12 +177,6 @@ def full_config(shape: str = "tiny") -> dict:
     }  # fmt: skip
 
 
-def official_key(name: str) -> str:
-    """State-dict names as the released checkpoint spells them (transformers >= 5.21 nests the thinker)."""
-    name = re.sub(r"^thinker\.model\.(audio_tower|visual)\.", r"thinker.\1.", name)
-    return re.sub(r"^thinker\.model\.language_model\.", "thinker.model.", name)
-
-
 def _tokenizer_files(folder: Path) -> None:
     from tokenizers import processors
     from transformers import AutoTokenizer
@@ -223,6 +216,8 @@ def _tokenizer_files(folder: Path) -> None:
 def _weights(folder: Path, config: dict, seed: int, device: str) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    from .model import official_key
 
     torch.manual_seed(seed)
     with torch.device(device):  # an accelerator builds the 7b shape in seconds
