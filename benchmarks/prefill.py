@@ -42,7 +42,7 @@ def prefill_case(thinker, clips: int, seconds: float, budget: int) -> dict:
     hidden, device = text_model(thinker).config.hidden_size, thinker.device
     generator = torch.Generator(device="cpu").manual_seed(0)
     embeds = [(torch.randn(tokens, hidden, generator=generator) * 0.02).to(device, thinker.dtype) for _ in range(clips)]
-    decoder = Decoder(thinker, [tokens + 1] * clips)
+    decoder = Decoder(thinker, [tokens + 1] * clips, pack_prompts=True)
     with torch.inference_mode():
         alone_s, alone = timed(
             lambda: torch.cat([decoder.prefill([row], [e], budget) for row, e in enumerate(embeds)]), device

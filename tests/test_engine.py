@@ -52,6 +52,8 @@ def test_prompts_are_packed_into_full_passes_in_order():
     assert pack([5, 3, 9], budget=8) == [[(0, 0, 5), (1, 0, 3)], [(2, 0, 8)], [(2, 8, 9)]]
     assert pack([20], budget=8) == [[(0, 0, 8)], [(0, 8, 16)], [(0, 16, 20)]]
     assert pack([2, 2], budget=100) == [[(0, 0, 2), (1, 0, 2)]]
+    # Apart (the CPU's way): a prompt never shares a pass, and a long one still continues across passes.
+    assert pack([5, 3, 9], budget=8, together=False) == [[(0, 0, 5)], [(1, 0, 3)], [(2, 0, 8)], [(2, 8, 9)]]
     with pytest.raises(ValueError):
         pack([1], budget=0)
 
@@ -64,10 +66,10 @@ def test_packed_prefill_equals_clip_by_clip(captioner, budget):
     capacities = sorted(len(ids) + 4 for ids, _ in prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     with torch.inference_mode():
-        packed = Decoder(captioner.thinker, capacities)
+        packed = Decoder(captioner.thinker, capacities, pack_prompts=True)  # as on an accelerator
         logits = packed.prefill(list(range(len(order))), [prompts[i][1] for i in order], budget)
         for row, i in enumerate(order):
-            alone = Decoder(captioner.thinker, [capacities[row]])
+            alone = Decoder(captioner.thinker, [capacities[row]], pack_prompts=False)
             expected = alone.prefill([0], [prompts[i][1]])[0]
             torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
             tokens = len(prompts[i][0])

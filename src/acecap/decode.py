@@ -77,16 +77,20 @@ def cache_slots(capacities: list[int]) -> int:
 PREFILL_TOKENS = 16384
 
 
-def pack(lengths: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
+def pack(lengths: list[int], budget: int, together: bool = True) -> list[list[tuple[int, int, int]]]:
     """Prompts cut into passes of at most `budget` tokens: per pass, (prompt index, start, end) segments.
 
     Prompts keep their order; one that does not fit what is left of a pass continues in the next, so every
-    pass but the last is full and a prompt's segments come in order.
+    pass but the last is full and a prompt's segments come in order. With `together` False, a prompt never
+    shares a pass with another.
     """
     if budget < 1:
         raise ValueError("the prefill budget must be at least one token")
     passes, current, room = [], [], budget
     for index, length in enumerate(lengths):
+        if current and not together:
+            passes.append(current)
+            current, room = [], budget
         start = 0
         while start < length:
             end = min(length, start + room)
@@ -111,9 +115,10 @@ class Decoder:
     its cache slot.
     """
 
-    def __init__(self, thinker, capacities: list[int], compile_backend=None):
+    def __init__(self, thinker, capacities: list[int], compile_backend=None, pack_prompts: bool | None = None):
         """`capacities`: each row's cache slots (its prompt and new tokens), ascending. `compile_backend`: what
-        torch.compile takes as backend (a name, or torchair's function); None: eager."""
+        torch.compile takes as backend (a name, or torchair's function); None: eager. `pack_prompts`: several
+        prompts in one prefill pass (None: where the device gains by it, devices.packs_prompts)."""
         if capacities != sorted(capacities):
             raise ValueError("Decoder rows must be sorted by capacity")
         text = compat.text_model(thinker)
@@ -130,6 +135,7 @@ class Decoder:
         self.shape = (self.heads, self.kv_heads, self.head_dim)
         self.dtype = self.embed.weight.dtype
         device = self.embed.weight.device
+        self.pack_prompts = devices.packs_prompts(device) if pack_prompts is None else pack_prompts
         # Each layer's keys (and values) live in one flat tensor of group blocks, (rows, kv_heads, capacity,
         # head_dim) each; the layout rows say where: start row, end row, capacity, offset. The layout is a
         # tensor, not Python structure, so one compiled step serves every batch.
@@ -162,13 +168,14 @@ class Decoder:
     def prefill(self, rows: list[int], embeds: list[torch.Tensor], budget: int = PREFILL_TOKENS) -> torch.Tensor:
         """Run prompts (tokens, hidden) into their rows' caches; each prompt's last-token logits (fp32).
 
-        The prompts are packed into passes of at most `budget` tokens: the projections and MLPs of a pass
-        are one matrix product over all its tokens, and attention runs per prompt, causal within it. A prompt
+        The prompts are packed into passes of at most `budget` tokens (with pack_prompts): the projections
+        and MLPs of a pass are one matrix product over all its tokens, and attention runs per prompt, causal
+        within it. A prompt
         longer than what is left of a pass continues in the next one, attending to what is already in its
         cache, so memory stays bounded for any prompt length.
         """
         logits: list[torch.Tensor | None] = [None] * len(rows)
-        for segments in pack([len(e) for e in embeds], budget):
+        for segments in pack([len(e) for e in embeds], budget, self.pack_prompts):
             hidden = torch.cat([embeds[i][start:end] for i, start, end in segments])[None]
             cos, sin = self._rope(torch.cat([self.slots[start:end] for _, start, end in segments]))
             for layer_index, layer in enumerate(self.layers):
