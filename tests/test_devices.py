@@ -46,6 +46,12 @@ def test_dtype_auto_is_fp32_on_cpu_and_bf16_on_accelerators():
         resolve_dtype("int3", torch.device("cpu"))
 
 
+def test_prefill_packs_prompts_on_accelerators_only():
+    assert not devices.packs_prompts(torch.device("cpu"))
+    assert devices.packs_prompts(torch.device("cuda", 0))
+    assert devices.packs_prompts(torch.device("meta"))  # any device type but the CPU, an NPU's among them
+
+
 def test_cpu_timing_and_memory_work():
     cpu = torch.device("cpu")
     assert devices.now(cpu) <= devices.now(cpu)
