@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import meta  # noqa: E402
 
 from acecap import rhythm  # noqa: E402
-from acecap.audio import load_audio  # noqa: E402
+from acecap.audio import load_audio, to_clip  # noqa: E402
 
 L2_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 FOLDS = 5
@@ -157,8 +157,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _mono(audio: np.ndarray) -> np.ndarray:
     """A clip rendered in memory, as acecap's loader would hand it over."""
-    from acecap.audio import to_clip
-
     return to_clip(audio, meta.meta_synth.RATE).samples
 
 

@@ -170,9 +170,8 @@ class Decoder:
 
         The prompts are packed into passes of at most `budget` tokens (with pack_prompts): the projections
         and MLPs of a pass are one matrix product over all its tokens, and attention runs per prompt, causal
-        within it. A prompt
-        longer than what is left of a pass continues in the next one, attending to what is already in its
-        cache, so memory stays bounded for any prompt length.
+        within it. A prompt longer than what is left of a pass continues in the next one, attending to what
+        is already in its cache, so memory stays bounded for any prompt length.
         """
         logits: list[torch.Tensor | None] = [None] * len(rows)
         for segments in pack([len(e) for e in embeds], budget, self.pack_prompts):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Envelopes:
     bass: np.ndarray  # harmonic, below LOW_HZ: the bass line's notes
     tonal: np.ndarray  # harmonic, above LOW_HZ: chords and melody
 
-    @property
+    @cached_property  # read by every candidate level: computed once per clip
     def accent(self) -> np.ndarray:
         """What a beat carries: kick, snare, the bass line and chord or melody notes, not hi-hats; compressed,
         as loudness is, so that a beat with some accent counts nearly as much as one with a loud one."""
@@ -76,7 +77,12 @@ class Envelopes:
         """The separated voices whose periodicity gives the first period."""
         return self.kick + self.snare + self.bass + 0.5 * self.tonal
 
-    @property
+    @cached_property
+    def compressed(self) -> dict[str, np.ndarray]:
+        """Each of VOICES, compressed as loudness is."""
+        return {voice: np.log1p(getattr(self, voice)) for voice in VOICES}
+
+    @cached_property
     def onsets(self) -> np.ndarray:
         """Everything that marks time, to follow beats with and to time them by."""
         return self.full + self.voices
@@ -235,7 +241,7 @@ def level_features(e: Envelopes, lag: float, periodicity: float, beats: np.ndarr
         np.log(_share(max(hats[2], hats[3], hats[4]), hats[0]) + 0.05),
     ]
     for voice in VOICES:
-        voice_profile = at_fractions(np.log1p(getattr(e, voice)), beats, SUBDIVISIONS)
+        voice_profile = at_fractions(e.compressed[voice], beats, SUBDIVISIONS)
         m = voice_profile.mean(axis=0) + 1e-3
         even, odd = voice_profile[0::2, 0].mean() + 1e-3, voice_profile[1::2, 0].mean() + 1e-3
         features += [np.log(m[3] / m[0]), np.log(max(m[2], m[4]) / m[0]), -abs(np.log(even / odd))]
