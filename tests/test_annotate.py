@@ -196,6 +196,19 @@ def test_shards_partition_the_files(tmp_path):
     assert all(share for share in shares)
 
 
+@pytest.mark.slow
+def test_shards_running_at_once_into_one_folder_keep_each_others_records(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 16, seed=5)
+    command = [sys.executable, "-m", "acecap", "annotate", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+               "--model", str(tiny_model), "--max-new-tokens", "4", "--batch-size", "2", "--quiet"]  # fmt: skip
+    shards = [subprocess.Popen(command + ["--shard", f"{index}/3"], stderr=subprocess.PIPE, text=True)
+              for index in range(3)]  # fmt: skip
+    for shard in shards:
+        assert shard.wait(timeout=600) == 0, shard.stderr.read()
+    records = records_of(tmp_path / "out")  # whichever shard merged last, every shard's records are in
+    assert sorted(Path(r["path"]).name for r in records) == [f"clip{i:02d}.wav" for i in range(16)]
+
+
 def test_segment_mode_captions_each_window(tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     soundfile.write(tmp_path / "in" / "song.wav", np.random.default_rng(0).standard_normal(16000 * 5) * 0.1, 16000)

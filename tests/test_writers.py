@@ -1,11 +1,15 @@
 import json
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from acecap.records import RecordWriter, load_records, merge
+from acecap.records import ANNOTATIONS, RecordWriter, load_records, merge
 from acecap.writers import atomic_write, check_writable, to_json
 
 LATIN1_NAME = os.fsdecode(b"latin1_\xe9\xff.wav")  # not UTF-8: Python holds \xe9\xff as lone surrogates
@@ -59,3 +63,93 @@ def test_a_name_near_the_limit_is_written_and_its_temporary_name_does_not_grow(t
 def test_check_writable_makes_the_folder_and_leaves_nothing_in_it(tmp_path):
     check_writable(tmp_path / "new" / "out")
     assert (tmp_path / "new" / "out").is_dir() and not list((tmp_path / "new" / "out").iterdir())
+
+
+def record(name: str) -> dict:
+    return {"path": f"/songs/{name}.wav", "task": "caption", "error": None, "caption": name}
+
+
+def other_run(folder: Path, script: str) -> subprocess.Popen:
+    """Another process (as another --shard machine would be) running `script` with `folder` and the helpers
+    above; it says "ready" once it holds what it holds, then waits for a line on stdin before finishing."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from acecap.records import RecordWriter, folder_lock
+        folder = Path({str(folder)!r})
+        def record(name):
+            return {{"path": f"/songs/{{name}}.wav", "task": "caption", "error": None, "caption": name}}
+    """) + textwrap.dedent(script)
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    return process
+
+
+def finish(process: subprocess.Popen) -> None:
+    process.communicate("go\n", timeout=60)
+    assert process.returncode == 0
+
+
+def captions(folder: Path) -> list[str]:
+    return sorted(r["caption"] for r in load_records(folder))
+
+
+def test_a_merge_keeps_the_file_a_live_run_still_writes_and_folds_in_what_it_wrote(tmp_path):
+    running = other_run(
+        tmp_path,
+        """
+        with RecordWriter(folder, "shard1-0") as writer:
+            writer.write([record("b1")])
+            print("ready", flush=True)
+            sys.stdin.readline()
+            writer.write([record("b2")])
+    """,
+    )
+    with RecordWriter(tmp_path, "shard0-0") as writer:
+        writer.write([record("a1")])
+    merge(tmp_path)  # this shard is done; the other is not
+    assert [p.name for p in tmp_path.glob("annotations.part-*")] == ["annotations.part-shard1-0.jsonl"]
+    assert sorted(json.loads(line)["caption"] for line in (tmp_path / ANNOTATIONS).open()) == ["a1", "b1"]
+    finish(running)
+    assert captions(tmp_path) == ["a1", "b1", "b1", "b2"]  # merged file, then the live part: read once each
+    merge(tmp_path)
+    assert not list(tmp_path.glob("annotations.part-*")) and captions(tmp_path) == ["a1", "b1", "b2"]
+
+
+def test_the_file_of_a_run_that_died_is_merged_and_removed(tmp_path):
+    killed = other_run(
+        tmp_path,
+        """
+        writer = RecordWriter(folder, "dead-0")
+        writer.write([record("d1")])
+        writer.handle.write(b'{"path": "/songs/d2.wav", "ta')  # killed mid-write
+        writer.handle.flush()
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """,
+    )
+    part = tmp_path / "annotations.part-dead-0.jsonl"
+    assert captions(tmp_path) == ["d1"] and part.read_bytes().endswith(b'"ta')  # read, not cut: it may be live
+    killed.kill()
+    killed.wait()
+    merge(tmp_path)
+    assert not part.exists() and captions(tmp_path) == ["d1"]
+
+
+def test_a_merge_waits_for_the_folder_lock_another_process_holds(tmp_path):
+    RecordWriter(tmp_path, "mine").write([record("m1")])
+    holder = other_run(
+        tmp_path,
+        """
+        with folder_lock(folder):
+            print("ready", flush=True)
+            sys.stdin.readline()
+    """,
+    )
+    merging = threading.Thread(target=merge, args=(tmp_path,))
+    merging.start()
+    merging.join(1.0)
+    assert merging.is_alive() and not (tmp_path / ANNOTATIONS).exists()
+    finish(holder)
+    merging.join(30)
+    assert not merging.is_alive() and captions(tmp_path) == ["m1"]

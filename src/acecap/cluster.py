@@ -142,6 +142,7 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
             hand_out(rank)
         elif chunks and not running and devices:
             hand_out(next(iter(devices)))
+    writer.close()
     for actor in actors:
         ray.kill(actor)
 

@@ -1,9 +1,14 @@
 """The job's source of truth: append-only JSONL records, and the index that makes a run resumable.
 
 Each process appends whole records to its own file and flushes them to disk after every batch, so a
-kill at any moment loses at most the batch in flight. A torn last line (a kill mid-write) is cut off
-when the file is next read. At the end of a run all files are merged into `annotations.jsonl`, one
-record per input and task, the latest winning.
+kill at any moment loses at most the batch in flight. At the end of a run all files are merged into
+`annotations.jsonl`, one record per input and task, the latest winning.
+
+Several runs may share one output folder at once (`--shard i/N` on machines that share a filesystem).
+Each holds a lock on its own file while it writes (POSIX record locks, which NFS carries between
+machines): a merge folds every file in but removes only those no live run holds, and merges (and
+roots.json) are changed under the folder's lock, so one run's merge never drops another's records.
+A torn last line (a kill mid-write) is skipped when read and gone when its file is merged.
 
 On disk a record names its file by `root` (an id from OUT/roots.json, which maps each id to its absolute
 folder once for the whole job) and `path` under that root, so records can be shared without the folders
@@ -14,18 +19,53 @@ are read as they are and stored under a root the next time the folder is merged.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
-from .writers import append_lines, atomic_write, to_json
+from .writers import atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
 ANNOTATIONS = "annotations.jsonl"
 PART_GLOB = "annotations.part-*.jsonl"
 ROOTS = "roots.json"
+LOCK = ".acecap.lock"
+_LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+_warned_locks = False
+
+
+def _lock(handle, wait: bool) -> bool:
+    """Lock the open file whole for this process; False when another process holds it (only without `wait`).
+
+    A filesystem without locks gives True, with one warning: runs that share the folder are then unsafe."""
+    global _warned_locks
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if error.errno not in _LOCKS_UNSUPPORTED:
+            raise
+        if not _warned_locks:
+            _warned_locks = True
+            log.warning("this filesystem cannot lock files (%s): do not run two jobs into one output folder "
+                        "at once", error.strerror)  # fmt: skip
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the output folder's lock: other processes (on any machine sharing it) wait."""
+    with open(Path(folder) / LOCK, "a") as handle:  # never removed: a removed lock file lets two in at once
+        _lock(handle, wait=True)
+        yield
 
 
 def load_roots(folder: Path) -> dict[str, str]:
@@ -45,20 +85,19 @@ def load_roots(folder: Path) -> dict[str, str]:
 def register_roots(folder: Path, roots: list[Path]) -> dict[str, str]:
     """Add the absolute folders `roots` to OUT/roots.json (each once, named after the folder) and return it all.
 
-    Written whole, then read back: a job starting at the same moment into the same folder (--shard on
-    several machines) cannot lose a root to the other's write."""
+    Under the folder's lock: a job starting at the same moment into the same folder (--shard on several
+    machines) cannot lose a root to the other's write."""
     wanted = {os.path.abspath(root) for root in roots}
-    for _ in range(5):
+    with folder_lock(folder):
         current = load_roots(folder)
         missing = sorted(wanted - set(current.values()))
-        if not missing:
-            return current
         for root in missing:
             name = os.path.basename(root.rstrip(os.sep)) or "root"
             ids = (name if n == 1 else f"{name}-{n}" for n in range(1, len(current) + 2))
             current[next(i for i in ids if i not in current)] = root
-        atomic_write(Path(folder) / ROOTS, to_json(current, indent=2) + "\n")
-    raise OSError(f"{Path(folder) / ROOTS}: other runs keep rewriting it; run this one again")
+        if missing:
+            atomic_write(Path(folder) / ROOTS, to_json(current, indent=2) + "\n")
+    return current
 
 
 class RecordPaths:
@@ -118,10 +157,16 @@ def done_key(record: dict) -> tuple:
     )
 
 
-def _read(path: Path) -> list[dict]:
-    """Records of one file; a torn last line is removed from the file, unreadable lines are skipped."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+def _read(path: Path, repair: bool = True) -> list[dict]:
+    """Records of one file; unreadable lines are skipped, and a torn last line is removed from the file (with
+    `repair`; a live run's file is only read: its last line may still be being written)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # a part file merged away by another run since the folder was listed
+        return []
+    if data and not data.endswith(b"\n") and not repair:
+        data = data[: data.rfind(b"\n") + 1]
+    elif data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
         log.warning("%s: removing a record cut off by an interrupted run", path)
         with path.open("r+b") as handle:
@@ -142,9 +187,12 @@ def load_records(folder: Path) -> list[dict]:
     """Every record of the job in `folder`, each `path` absolute: the merged file first, then unmerged
     per-process files."""
     folder = Path(folder)
-    files = [folder / ANNOTATIONS] + sorted(folder.glob(PART_GLOB))
     paths = RecordPaths.of(folder)
-    return [paths.from_disk(record, path) for path in files if path.is_file() for record in _read(path)]
+    merged = folder / ANNOTATIONS
+    records = [paths.from_disk(record, merged) for record in (_read(merged) if merged.is_file() else [])]
+    for part in sorted(folder.glob(PART_GLOB)):
+        records += [paths.from_disk(record, part) for record in _read(part, repair=False)]
+    return records
 
 
 def completed(records: list[dict]) -> set[tuple]:
@@ -162,25 +210,54 @@ def latest_per_input(records: list[dict]) -> list[dict]:
     return list(latest.values())
 
 
+def _finished(part: Path, held: contextlib.ExitStack) -> bool:
+    """Whether no live run writes `part` (its lock is taken and kept in `held`)."""
+    try:
+        handle = held.enter_context(open(part, "r+b"))
+    except FileNotFoundError:
+        return False
+    return _lock(handle, wait=False)
+
+
 def merge(folder: Path) -> list[dict]:
-    """Fold all per-process files into annotations.jsonl (atomically) and remove them."""
-    records = latest_per_input(load_records(folder))
-    paths = RecordPaths.of(folder)
-    text = "".join(to_json(paths.to_disk(r)) + "\n" for r in records)
-    atomic_write(folder / ANNOTATIONS, text)
-    for part in folder.glob(PART_GLOB):
-        part.unlink()
+    """Fold all per-process files into annotations.jsonl (atomically) and remove those of finished runs."""
+    folder = Path(folder)
+    with folder_lock(folder), contextlib.ExitStack() as held:
+        finished = [part for part in sorted(folder.glob(PART_GLOB)) if _finished(part, held)]
+        records = latest_per_input(load_records(folder))
+        paths = RecordPaths.of(folder)
+        atomic_write(folder / ANNOTATIONS, "".join(to_json(paths.to_disk(r)) + "\n" for r in records))
+        for part in finished:
+            part.unlink()
     return records
 
 
 class RecordWriter:
-    """Appends records to this process's own file, durably, a batch at a time."""
+    """Appends records to this process's own file, durably, a batch at a time, holding the file's lock (so
+    another run's merge leaves it be) until closed or the process ends."""
 
     def __init__(self, folder: Path, name: str):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"annotations.part-{name}.jsonl"
         self.paths = RecordPaths.of(folder)  # the job's roots were registered before any worker started
+        # Locked before it has its name: a merge must never see this file unlocked and take it as finished.
+        hidden = folder / f".acecap-{secrets.token_hex(8)}.tmp"
+        self.handle = open(hidden, "ab")
+        _lock(self.handle, wait=True)
+        os.replace(hidden, self.path)
 
     def write(self, records: list[dict]) -> None:
         if records:
-            append_lines(self.path, [to_json(self.paths.to_disk(r)) for r in records])
+            lines = "".join(to_json(self.paths.to_disk(r)) + "\n" for r in records)
+            self.handle.write(lines.encode("utf-8", errors="surrogateescape"))
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -331,7 +331,7 @@ def worker_main(job: Job, rank: int, device: str, run_id: str, work, events, sto
         except Exception as error:
             events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
             return
-        writer = RecordWriter(job.output_dir, f"{run_id}-{rank}")
+        writer = pipelines.enter_context(RecordWriter(job.output_dir, f"{run_id}-{rank}"))
 
         def save(records: list[dict], relative: dict[str, Path]) -> None:
             records = commit(job, writer, records, relative)
