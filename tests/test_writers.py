@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,28 @@ def test_a_merge_waits_for_the_folder_lock_another_process_holds(tmp_path):
     finish(holder)
     merging.join(30)
     assert not merging.is_alive() and captions(tmp_path) == ["m1"]
+
+
+def test_the_run_written_last_wins_whatever_its_part_file_is_called(tmp_path):
+    for name, caption, age in (("zz-old", "first try failed", 600), ("aa-new", "fixed and done", 0)):
+        with RecordWriter(tmp_path, name) as writer:
+            writer.write([{**record("a"), "caption": caption}])
+        when = time.time() - age
+        os.utime(tmp_path / f"annotations.part-{name}.jsonl", (when, when))
+    merge(tmp_path)
+    assert captions(tmp_path) == ["fixed and done"]
+
+
+def test_records_under_a_root_roots_json_lacks_keep_it_until_it_is_added_back(tmp_path):
+    roots = {"songs": "/data/songs", "extra": "/data/extra"}
+    (tmp_path / "roots.json").write_text(json.dumps(roots))
+    with RecordWriter(tmp_path, "run") as writer:
+        writer.write([record("x"), {**record("y"), "path": "/data/extra/y.wav"}])
+    merge(tmp_path)
+    (tmp_path / "roots.json").write_text(json.dumps({"songs": "/data/songs"}))  # copied without it, say
+    assert sorted(r["path"] for r in load_records(tmp_path)) == ["/songs/x.wav", "y.wav"]
+    merge(tmp_path)
+    on_disk = [json.loads(line) for line in (tmp_path / ANNOTATIONS).open()]
+    assert {(r.get("root"), r["path"]) for r in on_disk} == {(None, "/songs/x.wav"), ("extra", "y.wav")}
+    (tmp_path / "roots.json").write_text(json.dumps(roots))
+    assert sorted(r["path"] for r in load_records(tmp_path)) == ["/data/extra/y.wav", "/songs/x.wav"]

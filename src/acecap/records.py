@@ -116,6 +116,8 @@ class RecordPaths:
         self.unknown: set[str] = set()
 
     def to_disk(self, record: dict) -> dict:
+        if "root" in record:  # read under a root roots.json lacks: kept as it was on disk
+            return record
         path = record["path"]
         for prefix, root in self.prefixes:
             if path.startswith(prefix):
@@ -127,14 +129,14 @@ class RecordPaths:
         root = record.get("root")
         if root is None:
             return record
-        record = {key: value for key, value in record.items() if key != "root"}
         folder = self.roots.get(root)
-        if folder is None:
+        if folder is None:  # kept with its root, so that adding the root to roots.json later finds its files
             if root not in self.unknown:
                 self.unknown.add(root)
                 log.warning("%s: root %r is not in %s; its records cannot find their files (add %r: "
                             "\"/the/folder\" to it)", where, root, ROOTS, root)  # fmt: skip
-            folder = root
+            return record
+        record = {key: value for key, value in record.items() if key != "root"}
         record["path"] = os.path.join(folder, *record["path"].split("/"))
         return record
 
@@ -184,15 +186,22 @@ def _read(path: Path, repair: bool = True) -> list[dict]:
 
 
 def load_records(folder: Path) -> list[dict]:
-    """Every record of the job in `folder`, each `path` absolute: the merged file first, then unmerged
-    per-process files."""
+    """Every record of the job in `folder`, each `path` absolute (unless its root is not in roots.json): the
+    merged file first, then unmerged per-process files, the one last written last."""
     folder = Path(folder)
     paths = RecordPaths.of(folder)
     merged = folder / ANNOTATIONS
     records = [paths.from_disk(record, merged) for record in (_read(merged) if merged.is_file() else [])]
-    for part in sorted(folder.glob(PART_GLOB)):
+    for part in sorted(folder.glob(PART_GLOB), key=_last_written):  # the latest run's records last
         records += [paths.from_disk(record, part) for record in _read(part, repair=False)]
     return records
+
+
+def _last_written(part: Path) -> tuple[int, str]:
+    try:
+        return part.stat().st_mtime_ns, part.name
+    except FileNotFoundError:  # merged away since the folder was listed: read as empty
+        return 0, part.name
 
 
 def completed(records: list[dict]) -> set[tuple]:
@@ -204,7 +213,7 @@ def latest_per_input(records: list[dict]) -> list[dict]:
     """One record per (file, task): the last written, in first-seen order."""
     latest: dict[tuple, dict] = {}
     for record in records:
-        key = (record["path"], record["task"])
+        key = (record.get("root"), record["path"], record["task"])  # a root only where roots.json lacks it
         latest.pop(key, None)
         latest[key] = record
     return list(latest.values())
