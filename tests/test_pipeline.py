@@ -141,6 +141,32 @@ def test_a_killed_worker_costs_only_its_file(tmp_path):
     assert all(out[path.name].clip is not None for path in good)
 
 
+def test_a_worker_that_dies_while_the_consumer_is_busy_costs_only_its_file(tmp_path):
+    good = songs(tmp_path, 4)
+    stuck = endless(tmp_path / "stuck.wav")
+    with Pipeline(1, timeout_s=3) as pipeline:
+        decoded = pipeline.decode(items([*good[:2], stuck, *good[2:]]), ahead=1)
+        deadline = time.monotonic() + 30
+        while not (pipeline.pids and _holds(pipeline.pids[0], stuck)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # nothing taken yet: the pipeline's thread waits for the consumer
+        os.kill(pipeline.pids[0], signal.SIGKILL)
+        time.sleep(0.5)  # dead before the pipeline next writes to it
+        out = {d.item.path.name: d for d in decoded}
+    assert "failed on this file 2 times" in out["stuck.wav"].error
+    assert all(out[path.name].clip is not None for path in good)
+
+
+def test_clips_held_by_the_consumer_keep_no_file_open(tmp_path):
+    paths = songs(tmp_path, 2, seconds=0.5) * 100
+    open_files = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = open_files()
+    with Pipeline(1) as pipeline:
+        held = list(pipeline.decode(items(paths), ahead=8))
+        assert len(held) == 200 and all(len(d.clip.samples) for d in held)
+        assert open_files() - before <= 4  # the worker's socket and the like, not one per clip
+    held[0].clip.samples[:10] = 0.0  # the consumer's own memory: writable
+
+
 def _holds(pid: int, path: Path) -> bool:
     """The process has the file open (it is decoding it)."""
     try:

@@ -5,7 +5,8 @@ mp3 decoding and resampling cost ~0.4 s of a core per 3-minute song, and Python 
 interpreter lock for part of it, so a device fed by threads waits. Worker processes import only the audio
 decoders (numpy, soundfile, soxr, PyAV), never torch or transformers, and start in a fraction of a second.
 A decoded clip's samples are written into an anonymous shared-memory file (memfd) whose descriptor is
-passed over the worker's socket: this process maps it, no copy and no pickling of samples.
+passed over the worker's socket: this process reads them straight into the clip's array (one copy, no
+pickling) and closes the descriptor at once, so a batch of hundreds of clips holds no open files.
 
 Bounded memory: each worker holds at most DEPTH files, and files are taken from the caller's iterable
 only as the caller takes clips, so a slow consumer stops the workers after a few files.
@@ -20,7 +21,6 @@ process holds, so they exit when it does, even on kill -9.
 from __future__ import annotations
 
 import collections
-import mmap
 import os
 import pickle
 import queue
@@ -120,11 +120,16 @@ class _Worker:
         self.tasks: collections.deque[_Task] = collections.deque()  # sent, in the order it decodes them
         self.busy_since = 0.0  # when it began the file at the head of `tasks`
 
-    def send(self, task: _Task, options: dict) -> None:
+    def send(self, task: _Task, options: dict) -> bool:
+        """Hand it the task; False when the process has gone (the task was not taken)."""
+        try:
+            _send(self.socket, (task.index, str(task.item.path), options))
+        except OSError:  # its end of the socket closed: it died while this one waited for the consumer
+            return False
         if not self.tasks:
             self.busy_since = time.monotonic()
         self.tasks.append(task)
-        _send(self.socket, (task.index, str(task.item.path), options))
+        return True
 
     def receive(self) -> dict | None:
         """The next result, or None when the worker has gone."""
@@ -233,7 +238,7 @@ class Pipeline:
             while len(self.workers) < self.size:
                 self.workers.append(_Worker())
             unusable = []  # items discovery already failed: their error, with nothing to decode
-            for worker in self.workers:
+            for worker in list(self.workers):
                 while len(worker.tasks) < DEPTH and (retry or not exhausted):
                     if retry:
                         task = retry.popleft()
@@ -246,9 +251,14 @@ class Pipeline:
                             unusable.append(decode_item(item))
                             continue
                         task, count = _Task(count, item), count + 1
-                    worker.send(task, self.options)
+                    if not worker.send(task, self.options):
+                        retry.appendleft(task)
+                        unusable += self._died(worker, worker.stop(), retry)
+                        break
             yield from unusable
             if not any(worker.tasks for worker in self.workers):
+                if retry:
+                    continue  # a worker died before it took them: a fresh one will
                 return
             yield from self._collect(retry)
 
@@ -276,6 +286,8 @@ class Pipeline:
         if killed:
             worker.stop(kill=True)
         self.workers.remove(worker)
+        if not worker.tasks:  # it died between files
+            return
         suspect, *queued = worker.tasks
         suspect.attempts += 1
         retry.extendleft(reversed(queued))
@@ -297,18 +309,32 @@ def _wait(sockets: list[socket.socket], timeout: float) -> set[socket.socket]:
 
 def _decoded(task: _Task, message: dict) -> Decoded:
     """A worker's result as a Decoded, its samples mapped from the shared memory the worker filled."""
-    clip = None
-    if message["error"] is None:
+    clip, error = None, message["error"]
+    if error is None:
         count, fd = message["samples"], message["fd"]
-        if fd is None:
-            samples = np.zeros(0, dtype=np.float32)
-        else:
-            try:  # a private mapping: writable for the consumer, never written back
-                samples = np.frombuffer(mmap.mmap(fd, count * 4, access=mmap.ACCESS_COPY), dtype=np.float32)
-            finally:
+        samples = np.empty(count, dtype=np.float32)
+        try:
+            received = _read_into(fd, memoryview(samples).cast("B")) if fd is not None else 0
+        finally:
+            if fd is not None:
                 os.close(fd)
-        clip = Clip(samples=samples, **message["clip"])
-    return Decoded(task.item, message["identity"], clip, message["error"], message["audio_s"])
+        if received == samples.nbytes:
+            clip = Clip(samples=samples, **message["clip"])
+        else:
+            error = f"the decoder process handed over {received // 4} of the file's {count} samples"
+    return Decoded(task.item, message["identity"], clip, error, message["audio_s"])
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    """Fill `view` from the start of the file `fd`; the bytes read (fewer only if the file is shorter)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    done = 0
+    while done < len(view):
+        got = os.readv(fd, [view[done:]])
+        if not got:
+            break
+        done += got
+    return done
 
 
 # ---- the worker process ---------------------------------------------------------------------------
