@@ -65,10 +65,11 @@ def test_the_kind_and_number_of_actors_follow_the_cluster():
 
 
 @pytest.mark.slow
-def test_ray_run_gives_the_records_of_a_local_run(cluster, tiny_model, tmp_path):
+def test_ray_run_gives_the_records_of_a_local_run(cluster, tiny_model, tmp_path, monkeypatch):
     inputs = songs(tmp_path / "in", 6)
     local = annotate(job(inputs, tmp_path / "local", tiny_model), progress=False)
-    on_ray = annotate(job(inputs, tmp_path / "ray", tiny_model, ray="auto", ray_actors=2), progress=False)
+    monkeypatch.chdir(tmp_path)  # paths relative to here: the actors run in the folder Ray started in
+    on_ray = annotate(job(Path("in"), Path("ray"), tiny_model, ray="auto", ray_actors=2), progress=False)
     assert records(tmp_path / "ray") == records(tmp_path / "local")
     assert (on_ray.captioned, len(on_ray.failures)) == (local.captioned, len(local.failures)) == (6, 1)
     assert "broken.wav" in on_ray.failures[0][0]

@@ -97,6 +97,10 @@ def run_on_ray(job: Job, run_id: str, pending: list[Item], progress: Progress) -
     # Unless told, each actor decodes with an equal share of the cluster's cores (one kept for its device).
     workers = job.decode_workers or max(1, int(resources.get("CPU", 1)) // count - 1)
     job = dataclasses.replace(job, decode_workers=workers)
+    # Actors run in the folder `ray start` ran in, not this one: every path they are given is absolute.
+    if job.model and os.path.isdir(job.model):
+        job = dataclasses.replace(job, model=os.path.abspath(job.model))
+    pending = [dataclasses.replace(item, path=Path(os.path.abspath(item.path))) for item in pending]
     remote = ray.remote(max_restarts=4 * ATTEMPTS, max_task_retries=ATTEMPTS - 1, max_concurrency=2)(Annotator)
     actors = [remote.options(**ACTOR_RESOURCES[kind]).remote(job, kind) for _ in range(count)]
     devices: dict[int, str] = {}
