@@ -196,6 +196,14 @@ def test_shards_partition_the_files(tmp_path):
     assert all(share for share in shares)
 
 
+def test_a_dataset_mounted_at_different_places_is_split_the_same_way(tmp_path):
+    for mount in ("a/mnt/nas/songs", "b/data/songs"):  # one dataset as two machines see it
+        write_tones(tmp_path / mount, 24, seed=2)
+    shares = [{item.relative for item in discover([tmp_path / mount]) if in_shard(item, (0, 2))}
+              for mount in ("a/mnt/nas/songs", "b/data/songs")]  # fmt: skip
+    assert shares[0] == shares[1] and 0 < len(shares[0]) < 24
+
+
 @pytest.mark.slow
 def test_shards_running_at_once_into_one_folder_keep_each_others_records(tiny_model, tmp_path):
     write_tones(tmp_path / "in", 16, seed=5)

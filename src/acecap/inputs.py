@@ -124,9 +124,10 @@ def real_path(path: Path) -> str:
 
 
 def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
-    """Shard `i/N` takes the files whose path hashes to i mod N: stable across machines and runs."""
+    """Shard `i/N` takes the files whose path under their root hashes to i mod N: stable across runs, and
+    across machines that mount the dataset at different places."""
     if shard is None:
         return True
     index, count = shard
-    digest = hashlib.sha1(os.fsencode(real_path(item.path))).digest()
+    digest = hashlib.sha1(os.fsencode(item.relative.as_posix())).digest()
     return int.from_bytes(digest[:8], "big") % count == index
