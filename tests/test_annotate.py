@@ -165,6 +165,16 @@ def test_a_torn_last_line_is_cut_off_and_redone(tiny_model, tmp_path):
     assert summary.skipped == 2 and summary.captioned == 1 and len(records_of(tmp_path / "out")) == 3
 
 
+def test_a_txt_that_cannot_be_restored_fails_its_file_instead_of_passing(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 4)  # clip01 and clip03 are in sub-folders
+    assert annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False).ok
+    (tmp_path / "out" / "part1").write_text("a file where -f txt needs a folder")
+    summary = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out", write_txt=True), progress=False)
+    assert not summary.ok and [Path(path).name for path, _ in summary.failures] == ["clip01.wav"]
+    assert "cannot write its .caption.txt" in summary.failures[0][1]
+    assert (tmp_path / "out" / "clip00.caption.txt").is_file() and summary.skipped == 3
+
+
 @pytest.mark.slow
 def test_two_cpu_workers_give_the_same_records_as_one(tiny_model, tmp_path):
     write_tones(tmp_path / "in", 12, seed=3)

@@ -35,15 +35,12 @@ log = logging.getLogger("acecap")
 
 def _restore_sidecar(job: Job, record: dict, relative: Path) -> bool:
     """A finished file whose .txt is missing (-f txt added to a finished job, a file deleted) gets it from its
-    record. Whether it was written."""
+    record. Whether it was written; OSError when it cannot be."""
     path = sidecar_path(job, relative)
-    try:
-        if not path.exists():
-            atomic_write(path, record[job.task] + "\n")
-            return True
-    except OSError as error:
-        log.warning("%s: cannot write it: %s", path, error.strerror or error)
-    return False
+    if path.exists():
+        return False
+    atomic_write(path, record[job.task] + "\n")
+    return True
 
 
 def _cut_shorter(record: dict, job: Job) -> bool:
@@ -77,7 +74,11 @@ def plan(job: Job) -> tuple[list[Item], int]:
         if record is None or item.error or _cut_shorter(record, job):
             pending.append(item)
         elif job.write_txt:
-            restored += _restore_sidecar(job, record, item.relative)
+            try:
+                restored += _restore_sidecar(job, record, item.relative)
+            except OSError as error:  # done again, so that its failure is recorded and counted
+                log.warning("%s: cannot write its .%s.txt: %s", item.path, job.task, error.strerror or error)
+                pending.append(item)
     if restored:
         log.info("%d .%s.txt files written from earlier records", restored, job.task)
     return pending, len(items) - len(pending)
