@@ -257,6 +257,19 @@ def test_truncate_flags_and_txt_files_mirror_the_input_tree(tiny_model, tmp_path
         assert (tmp_path / "out" / relative).read_text().strip() == record["caption"]
 
 
+def test_files_cut_at_max_duration_are_redone_by_a_run_that_would_caption_more(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 4, seed=4)  # 0.6-3.5 s each
+    run = lambda **options: annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out", **options), False)  # noqa: E731
+    first = run(max_duration=1.0)
+    cut = sum(r["truncated"] for r in records_of(tmp_path / "out"))
+    assert first.ok and 0 < cut < 4
+    assert run(max_duration=1.0).skipped == 4  # the same settings: nothing to gain
+    assert run(max_duration=2.0).captioned == cut  # more of each cut file is read now
+    longer = sum(r["truncated"] for r in records_of(tmp_path / "out"))
+    assert run(long_audio="full").captioned == longer and run(long_audio="full").skipped == 4
+    assert not any(r["truncated"] for r in records_of(tmp_path / "out"))
+
+
 def test_other_formats_decode_in_annotate(tiny_model, tmp_path, audio_dir):
     encode_with_pyav(tmp_path / "song.m4a", np.zeros(16000, dtype=np.float32) + 0.01, 16000, "aac")
     summary = annotate(job(tiny_model, [tmp_path / "song.m4a", audio_dir / "tone.opus"], tmp_path / "out"), False)

@@ -51,6 +51,17 @@ def _cut_shorter(record: dict, job: Job) -> bool:
     return any(t.get("finished") is False and (t.get("tokens") or 0) < job.decoding.max_new_tokens for t in texts)
 
 
+def _cut_earlier(record: dict, job: Job) -> bool:
+    """A file cut at --max-duration, of which this run would caption more (--long-audio full or segment, or a
+    longer --max-duration): redone. Not again under the same settings, whatever the model's own limit."""
+    if job.task == "meta" or not record.get("truncated"):
+        return False
+    mode = record.get("long_audio", "truncate")  # records before 2026-11-29 name neither
+    if job.long_audio != mode:
+        return True
+    return mode == "truncate" and job.max_duration > (record.get("max_duration") or float("inf"))
+
+
 def plan(job: Job) -> tuple[list[Item], int]:
     """The inputs still to do, and how many an earlier run already finished. Inputs that do not exist or hold
     no audio, two files whose -f txt outputs would be one file, and an output folder that cannot be written,
@@ -71,7 +82,7 @@ def plan(job: Job) -> tuple[list[Item], int]:
             pending.append(item)  # reading it will record why it cannot be read
             continue
         record = done.get(done_key({**identity, "model": job.model_name, "task": job.task, "prompt": job.prompt_text}))
-        if record is None or item.error or _cut_shorter(record, job):
+        if record is None or item.error or _cut_shorter(record, job) or _cut_earlier(record, job):
             pending.append(item)
         elif job.write_txt:
             try:

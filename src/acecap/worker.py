@@ -92,6 +92,8 @@ class Worker:
             self.job.task: None,
             "tokens": None,
             "truncated": False,
+            "long_audio": None if self.job.task == "meta" else self.job.long_audio,
+            "max_duration": None if self.job.task == "meta" else self.job.max_duration,
             "silent": False,
             "long": False,
             "repetitive": False,
