@@ -137,6 +137,18 @@ def test_hand_edited_sidecars_survive_a_rerun(tiny_model, tmp_path):
     assert run_acecap(*base, *options).returncode == 0  # a plain re-run changes nothing
     assert all((songs / p.name).read_bytes() == p.read_bytes() for p in copy.iterdir())
 
+    # A higher --max-new-tokens redoes the cut captions (the tiny model never ends one): what acecap wrote from
+    # the cut ones is replaced, what a person wrote stays.
+    longer = [option if option != "4" else "8" for option in options]
+    assert run_acecap(*base, *longer).returncode == 0
+    records = records_by_file(out)
+    assert records[("rock.wav", "caption")]["tokens"] == 8
+    assert (songs / "rock.caption.txt").read_text(encoding="utf-8").strip() == records[("rock.wav", "caption")][
+        "caption"
+    ].strip()
+    assert (songs / "waltz.caption.txt").read_text(encoding="utf-8") == "A waltz I described myself.\n"
+    assert json.loads((songs / "waltz.json").read_text(encoding="utf-8"))["bpm"] == 95
+
     assert run_acecap(*base, *options, "--overwrite").returncode == 0
     replaced = json.loads((songs / "waltz.json").read_text(encoding="utf-8"))
     assert replaced["bpm"] != 95 and replaced["mine"] is True  # acecap's values win; unknown keys stay

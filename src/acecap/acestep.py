@@ -10,9 +10,10 @@
 Files that would share an output (`song.wav` and `song.ogg` → `song.json`; two `intro.wav` rows in the csv)
 are refused before any work (check_collisions): the scanner could not tell them apart either.
 
-A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A tempo, key or
-time signature whose confidence is below `min_confidence` is written as unknown, not guessed. Every file is
-written whole or not at all.
+A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A value acecap
+wrote itself from an earlier record (one that a run has since redone: a text cut at --max-new-tokens, a failed
+file) is replaced. A tempo, key or time signature whose confidence is below `min_confidence` is written as
+unknown, not guessed. Every file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -97,17 +98,21 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
     return list(songs.values())
 
 
-def _has_text(path: Path) -> bool:
-    return path.is_file() and path.read_text(encoding="utf-8", errors="replace").strip() != ""
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
 
 
-def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> list[Path]:
-    """song.caption.txt, song.lyrics.txt and song.json beside the audio (or under `folder`, mirrored)."""
+def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, before: Song | None = None) -> list[Path]:
+    """song.caption.txt, song.lyrics.txt and song.json beside the audio (or under `folder`, mirrored). `before`:
+    the song as the records stood before this run; a value still as acecap wrote it from them is its own."""
     base = song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
     written = []
     for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
         path = base.with_name(base.name + suffix)
-        if text is None or (_has_text(path) and not overwrite):
+        existing = _text(path)
+        earlier = getattr(before, suffix[1:-4]) if before else None
+        ours = earlier is not None and existing == earlier.strip()
+        if text is None or existing == text.strip() or (existing and not overwrite and not ours):
             continue
         atomic_write(path, text.strip() + "\n")
         written.append(path)
@@ -123,10 +128,12 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False) -> 
             log.warning("%s: not a JSON object; leaving it as it is", path)
             return written
     merged = dict(existing)
+    earlier = before.fields() if before else {}
     for key, value in song.fields().items():
         empty = existing.get(key) in (None, "", UNKNOWN.get(key))
         unknown = value is None or value == UNKNOWN.get(key)
-        if empty or (overwrite and not unknown):  # an unknown never replaces a value, even with --overwrite
+        ours = key in earlier and existing.get(key) == earlier[key]
+        if empty or ((overwrite or ours) and not unknown):  # an unknown never replaces a value, even with --overwrite
             merged[key] = value
     if merged != existing or not path.is_file():
         atomic_write(path, to_json(merged, indent=2) + "\n")
@@ -235,15 +242,19 @@ def export(
     overwrite: bool = False,
     reviews: dict[str, dict] | None = None,
     min_confidence: float = 0.0,
+    records_before: list[dict] | None = None,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Write the ACE-Step `formats` for every song with a successful record (see songs_from_records: reviews
     win, meta values below `min_confidence` are left unknown): the paths written, and (path, reason) for each
-    song or file that could not be (a read-only folder, a name too long), the rest going on."""
+    song or file that could not be (a read-only folder, a name too long), the rest going on. `records_before`:
+    the records before the run that made `records`; sidecar values acecap wrote from them are replaced."""
     songs = songs_from_records(records, relative, reviews, min_confidence)
     check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
+    before = {song.audio: song for song in songs_from_records(records_before or [], relative, reviews, min_confidence)}
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
-        jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite)) for song in songs]
+        jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite, before.get(song.audio)))
+                 for song in songs]  # fmt: skip
     if "csv" in formats:
         jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:

@@ -47,6 +47,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be at least 1")
     items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
     check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
+    # What the records said before this run: sidecar values acecap wrote from them are its own to replace.
+    before = latest_per_input(load_records(args.output_dir)) if "acestep" in args.format else []
     ok = True
     for task in tasks:
         job = Job(
@@ -98,7 +100,7 @@ def annotate_command(args: argparse.Namespace) -> int:
         records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
         written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
-                                 reviews, args.meta_min_confidence)  # fmt: skip
+                                 reviews, args.meta_min_confidence, before)  # fmt: skip
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
         for path, reason in failed:
             say_error(f"{path}: not written: {reason}")
