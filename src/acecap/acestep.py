@@ -253,8 +253,9 @@ def export(
     before = {song.audio: song for song in songs_from_records(records_before or [], relative, reviews, min_confidence)}
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
-        jobs += [(str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite, before.get(song.audio)))
-                 for song in songs]  # fmt: skip
+        for song in songs:
+            sidecars = functools.partial(write_sidecars, song, sidecar_dir, overwrite, before.get(song.audio))
+            jobs.append((str(song.audio), sidecars))
     if "csv" in formats:
         jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:
