@@ -2,6 +2,7 @@
 from the tokens and logits it dumps."""
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -178,12 +179,16 @@ def test_plots_draw_any_file_name(tiny_model, tmp_path):
     assert all(ord(ch) in _drawable_codepoints() or ch.isspace() for ch in label("曲 🎵 ümlaut.wav"))
     clip = builtin_suite(long_seconds=20)[0]
     named = Clip(clip.samples, "曲 🎵 ümlaut.wav")
-    results, runs = compare(tiny_model, Side("cpu", "fp32"), Side("cpu", "bf16"), [named], Decoding(max_new_tokens=4))
+    undecodable = Clip(clip.samples, os.fsdecode(b"bad_\xffname.wav"))  # not UTF-8: held as a lone surrogate
+    sides = Side("cpu", "fp32"), Side("cpu", "bf16")
+    results, runs = compare(tiny_model, *sides, [named, undecodable], Decoding(max_new_tokens=4))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         write_report(results, Side("cpu", "fp32"), Side("cpu", "bf16"), runs, tmp_path)
     assert not [w for w in caught if "Glyph" in str(w.message)]
     assert "曲 🎵 ümlaut.wav" in (tmp_path / "report.md").read_text()  # the report keeps the name itself
+    document = json.loads((tmp_path / "precision_results.json").read_bytes().decode("utf-8"))  # valid UTF-8
+    assert [c["clip"] for c in document["clips"]] == [named.source, undecodable.source]  # the same name back
     for plot in ("layer_cosine.png", "kl_per_step.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.size[0] > 500

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from .writers import atomic_write, to_json
 
 VERDICTS = ("pass", "warn", "fail")
 
@@ -32,7 +33,7 @@ def write_report(results: list[dict], reference, candidate, runs: dict, output_d
     )
     document = {"schema": 1, "reference": str(reference), "candidate": str(candidate), "verdict": overall,
                 "summary": line, "clips": results}  # fmt: skip
-    (output_dir / "precision_results.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(output_dir / "precision_results.json", to_json(document, indent=2) + "\n")  # any file name
     if save_logits:
         arrays = {}
         for i, r in enumerate(results):
@@ -40,8 +41,13 @@ def write_report(results: list[dict], reference, candidate, runs: dict, output_d
             arrays[f"{i}.reference"], arrays[f"{i}.candidate"] = ref.logits.numpy(), cand.logits.numpy()
         np.savez_compressed(output_dir / "logits.npz", **arrays)
     _plots(results, output_dir)
-    (output_dir / "report.md").write_text(_markdown(results, line) + "\n")
+    atomic_write(output_dir / "report.md", _readable(_markdown(results, line) + "\n"))
     return line
+
+
+def _readable(text: str) -> bytes:
+    """UTF-8 for people: a file name's undecodable bytes (lone surrogates) shown as \\udcXX escapes."""
+    return text.encode("utf-8", errors="backslashreplace")
 
 
 def _markdown(results: list[dict], line: str) -> str:
@@ -124,7 +130,7 @@ def write_text_report(results: list[dict], reference: Path, candidate: Path, out
             f"mean character similarity {mean:.3f}")  # fmt: skip
     document = {"schema": 1, "reference": str(reference), "candidate": str(candidate), "verdict": None,
                 "summary": line, "clips": results}  # fmt: skip
-    (output_dir / "precision_results.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(output_dir / "precision_results.json", to_json(document, indent=2) + "\n")  # any file name
     rows = [f"# Precision: {line}", "", "Saved runs hold texts, not tokens or logits: text-level metrics only.", "",
             "| file | identical | character similarity | word similarity | semantic similarity |",
             "| --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -133,5 +139,5 @@ def write_text_report(results: list[dict], reference: Path, candidate: Path, out
         similarity = f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | {_semantic(g)}"
         rows.append(f"| {r['clip']} | {g['exact_match']} | {similarity} |")
     rows += _captions(results)
-    (output_dir / "report.md").write_text("\n".join(rows) + "\n")
+    atomic_write(output_dir / "report.md", _readable("\n".join(rows) + "\n"))
     return line
