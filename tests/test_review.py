@@ -418,6 +418,24 @@ def test_export_writes_the_approved_songs_with_their_reviews(job, tmp_path):
         export_reviewed(tmp_path / "approved", "all", ["csv"])  # a folder, but no records in it
 
 
+def test_an_export_leaves_unsure_machine_values_unknown_as_annotate_does(tmp_path):
+    records = synthetic_records(tmp_path / "out", 12)
+    meta = {Path(r["path"]).name: r for r in records if r["task"] == "meta"}
+    exported = {}
+    for threshold in (0.0, 0.5):
+        export_reviewed(tmp_path / "out", "all", ["csv"], tmp_path / str(threshold), min_confidence=threshold)
+        exported[threshold] = {
+            row["File"]: row for row in csv.DictReader((tmp_path / str(threshold) / "dataset.csv").open())
+        }
+    assert len(exported[0.0]) == 12 and all(row["BPM"] for row in exported[0.0].values())
+    for name, row in exported[0.5].items():
+        assert (row["BPM"] != "") == (meta[name]["bpm_confidence"] >= 0.5)
+        assert (row["Key"] != "") == (meta[name]["keyscale_confidence"] >= 0.5)
+    assert any(not row["BPM"] for row in exported[0.5].values()) and any(row["BPM"] for row in exported[0.5].values())
+    usage = run_acecap("review", str(tmp_path / "out"), "--meta-min-confidence", "0.5")
+    assert usage.returncode == 2 and "go with --export" in usage.stderr
+
+
 def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):
     bench = load_program("review")
     report = bench.main(["--files", "1500", "--repeats", "2", "--dataset-files", "-o", str(tmp_path)])

@@ -330,15 +330,18 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def review_command(args: argparse.Namespace) -> int:
     if args.export is None:
-        if args.format or args.export_to:
-            raise ValueError("-f and --export-to go with --export approved|all")
+        if args.format or args.export_to or args.meta_min_confidence is not None:
+            raise ValueError("-f, --export-to and --meta-min-confidence go with --export approved|all")
         from .review import review
 
         review(args.output_dir, args.host, args.port, args.api_key or None, args.open)
         return 0
     from .reviews import export_reviewed
 
-    written, failed = export_reviewed(args.output_dir, args.export, args.format, args.export_to)
+    confidence = 0.3 if args.meta_min_confidence is None else args.meta_min_confidence
+    if not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"--meta-min-confidence {confidence}: use a confidence from 0 to 1")
+    written, failed = export_reviewed(args.output_dir, args.export, args.format, args.export_to, confidence)
     print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
     for path in written:
         print(path)

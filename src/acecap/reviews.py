@@ -275,13 +275,14 @@ class DatasetFiles:
                     self._changed.notify_all()
 
 
-def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None
-                    ) -> tuple[list[Path], list[tuple[str, str]]]:  # fmt: skip
+def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Path | None = None,
+                    min_confidence: float = 0.3) -> tuple[list[Path], list[tuple[str, str]]]:  # fmt: skip
     """The ACE-Step `formats` for the approved songs (`which="approved"`) or all of them, reviews applied: the
     paths written, and (path, reason) for each that could not be.
 
     Sidecars go beside each song (values already in them are kept, as annotate does); dataset.csv and
-    dataset.json into `output_dir` (default `folder`)."""
+    dataset.json into `output_dir` (default `folder`). A machine's tempo, key or metre below `min_confidence`
+    is written as unknown, as annotate writes it; a value a person saved is written as it is."""
     if which not in EXPORTS:
         raise ValueError(f"--export {which!r}: use {' or '.join(EXPORTS)}")
     if not formats:
@@ -296,4 +297,4 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
             raise ValueError(f"no song of {folder} is approved yet: approve some in `acecap review {folder}` first")
     relative = {r["path"]: Path(audio_path(r).name) for r in records}
     fields = {path: review["fields"] for path, review in reviews.items()}
-    return export(records, relative, formats, Path(output_dir or folder), reviews=fields)
+    return export(records, relative, formats, Path(output_dir or folder), reviews=fields, min_confidence=min_confidence)
