@@ -169,3 +169,21 @@ def test_a_shard_out_of_range_says_how_shards_count(tmp_path, shard, says):
     result = run_acecap("annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--shard", shard)
     assert says in one_error_line(result)
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
+        (["--model", "captoin=/no/such/folder"], "'captoin' is not a task; use caption=MODEL or lyrics=MODEL"),
+        (["--decoder", "graphs", "--device", "cpu"], "--decoder graphs needs a CUDA device, not cpu"),
+    ],
+)
+@pytest.mark.slow
+def test_annotate_refuses_a_model_or_decoder_it_cannot_run_before_any_work(
+    tiny_model, audio_dir, tmp_path, options, says
+):
+    options = options if "--model" in options else ["--model", str(tiny_model), *options]
+    result = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), *options)
+    assert says in one_error_line(result) and result.returncode == 2
+    assert not (tmp_path / "out").exists()  # nothing made: a usage error, not a run that failed

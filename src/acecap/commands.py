@@ -28,7 +28,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 def annotate_command(args: argparse.Namespace) -> int:
     from .acestep import check_collisions, export
     from .annotate import annotate
-    from .devices import expand_devices
+    from .devices import device_kind, expand_devices
+    from .hub import check_model
     from .inputs import discover
     from .job import ALL_TASKS, Job
     from .progress import summary_table
@@ -39,6 +40,13 @@ def annotate_command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.meta_min_confidence <= 1.0:
         raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
+    for model in models.values():  # a folder that is not a checkpoint ends the command now, not in each worker
+        check_model(model)
+    devices = [args.device] if args.ray is not None else expand_devices(args.devices or args.device)
+    if args.decoder == "graphs" and args.ray is None and models:
+        kinds = sorted({device_kind(device) for device in devices} - {"cuda"})
+        if kinds:
+            raise ValueError(f"--decoder graphs needs a CUDA device, not {', '.join(kinds)}")
     if args.prompt and sum(task != "meta" for task in tasks) > 1:
         raise ValueError("--prompt replaces one task's prompt: give it with a single model task")
     shard, decoding, meta_sources = _shard(args.shard), _decoding(args), _meta_sources(args.meta_source)
@@ -57,11 +65,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             task=task,
             model=models.get(task),
             hub=args.hub,
-            devices=["cpu"]
-            if task == "meta"
-            else [args.device]
-            if args.ray is not None
-            else expand_devices(args.devices or args.device),
+            devices=["cpu"] if task == "meta" else devices,
             dtype=args.dtype,
             decoder=args.decoder,
             quant=args.quant,
@@ -130,6 +134,8 @@ def _models(values: list[str], tasks: list[str]) -> dict[str, str]:
         task, sep, model = value.partition("=")
         if sep and task in ("caption", "lyrics"):
             models[task] = model
+        elif sep and "/" not in task and not os.path.exists(value):
+            raise ValueError(f"--model {value}: {task!r} is not a task; use caption=MODEL or lyrics=MODEL")
         else:
             models.update({task: value for task in tasks})
     return models

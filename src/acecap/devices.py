@@ -293,6 +293,12 @@ def empty_cache(device: torch.device) -> None:
         _backend(device).empty_cache()
 
 
+def device_kind(spec: str) -> str:
+    """cpu, cuda, npu or mps: the kind of device `spec` names (`auto`: this machine's choice)."""
+    spec = spec.strip().lower()
+    return (choose_auto(_auto_npu_count(), _count("cuda"), _count("mps")) if spec == "auto" else spec).partition(":")[0]
+
+
 def expand_devices(spec: str) -> list[str]:
     """`all` → every card of the preferred accelerator (else one cpu); a comma list → its items."""
     if spec.strip().lower() == "all":

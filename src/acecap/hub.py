@@ -89,6 +89,17 @@ def _short(error: Exception, limit: int = 160) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def check_model(model: str) -> None:
+    """Raise ModelNotFound at once for a model that is neither a checkpoint folder nor a hub id (a hub id is
+    looked up when it loads)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFound(f"{folder} is a folder but holds no config.json: not a model checkpoint")
+    elif not _is_hub_id(model):
+        raise ModelNotFound(f"model folder {model} does not exist (a hub id looks like ACE-Step/acestep-captioner)")
+
+
 def resolve_model(model: str, hub: str = "auto") -> Path:
     """Return a local folder holding `model`, downloading it if needed.
 
@@ -98,13 +109,10 @@ def resolve_model(model: str, hub: str = "auto") -> Path:
     """
     if hub not in HUBS:
         raise ModelNotFound(f"unknown hub {hub!r}: use auto, modelscope or huggingface")
+    check_model(model)
     folder = Path(model).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise ModelNotFound(f"{folder} is a folder but holds no config.json: not a model checkpoint")
         return folder
-    if not _is_hub_id(model):
-        raise ModelNotFound(f"model folder {model} does not exist (a hub id looks like ACE-Step/acestep-captioner)")
 
     hubs = ["modelscope", "huggingface"] if hub == "auto" else [hub]
     with _quiet_hub_clients():
