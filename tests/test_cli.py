@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import run_acecap
@@ -187,3 +189,15 @@ def test_annotate_refuses_a_model_or_decoder_it_cannot_run_before_any_work(
     result = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), *options)
     assert says in one_error_line(result) and result.returncode == 2
     assert not (tmp_path / "out").exists()  # nothing made: a usage error, not a run that failed
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tiny_model, audio_dir, tmp_path):
+    command = [sys.executable, "-m", "acecap", "annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"),
+               "--model", str(tiny_model), "--quiet"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # torch and transformers are still importing
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert "Traceback" not in stderr and stderr.strip().endswith("acecap: error: interrupted"), stderr
+    assert process.returncode in (130, -signal.SIGINT)

@@ -482,7 +482,14 @@ def _lowercase_level(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command could take it
+        print("acecap: error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False) or args.command not in ("annotate", "serve")
     logging.basicConfig(format="acecap: %(levelname)s: %(message)s", level=logging.WARNING if quiet else logging.INFO)
     logging.getLogger().handlers[0].addFilter(_lowercase_level)
@@ -490,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
-    if quiet:  # its "Loading weights" bar too
+    if quiet or args.command == "annotate":  # its "Loading weights" bar too (annotate draws its own)
         transformers_logging.disable_progress_bar()
     # Expected failures (bad device, no model, bad option) end in one line and exit 2; bugs keep their traceback.
     from .commands import (
