@@ -76,12 +76,10 @@ class Progress:
             for flag in flags:
                 summary.flagged[flag] = summary.flagged.get(flag, 0) + 1
         elapsed = time.perf_counter() - self.started
-        left = self.bar.total - self.seen
-        eta = f", ETA {left / self.seen * elapsed / 60:.0f} min" if self.seen and left else ""
-        self.bar.update(len(entries))
+        self.bar.update(len(entries))  # the bar's own [elapsed<left] is the ETA: one estimate, not two
         self.bar.set_postfix_str(
             f"{summary.audio_seconds / 3600:.2f} h audio, {self.seen / elapsed * 60:.1f} files/min, "
-            f"{summary.audio_seconds / elapsed:.1f} audio-s/s, {len(summary.failures)} failed{eta}"
+            f"{summary.audio_seconds / elapsed:.1f} audio-s/s, {len(summary.failures)} failed"
         )
 
     def close(self) -> None:
