@@ -124,6 +124,7 @@ def test_allow_partial_captions_what_a_cut_file_holds_and_flags_it(tiny_model, t
     (record,) = records_of(tmp_path / "out")
     assert record["error"] is None and record["caption"] and record["duration"] == 1.0
     assert record["partial"] == "holds 1.00 s of the 3.00 s its header declares"
+    assert "  partial      1: shorter than its header says" in result.stderr  # counted, not passed as whole
 
 
 @pytest.mark.slow

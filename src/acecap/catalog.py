@@ -19,7 +19,7 @@ from .records import latest_per_input, load_records
 from .reviews import FIELDS, audio_path, load_reviews
 
 STATUSES = ("unreviewed", "edited", "approved")  # edited: saved by a person, not yet approved
-FLAGS = ("error", "truncated", "cut", "repetitive", "long", "silent", "low_confidence")  # cut: at --max-new-tokens
+FLAGS = ("error", "truncated", "cut", "repetitive", "partial", "long", "silent", "low_confidence")  # cut: at --max-new-tokens
 LOW_CONFIDENCE = 0.5  # a tempo, key or metre below this is flagged low_confidence
 CONFIDENCES = ("bpm", "keyscale", "timesignature")
 SORTS = ("path", "duration", "caption", "lyrics", "language", "bpm", "keyscale", "timesignature", "confidence",
@@ -117,6 +117,7 @@ def _entries(records: list[dict]) -> list[Entry]:
                 ("truncated", any(r.get("truncated") for r in group)),
                 ("cut", any(r.get("finished") is False for r in group)),
                 ("repetitive", any(r.get("repetitive") for r in group)),  # the text ends in a loop
+                ("partial", any(r.get("partial") and not r.get("error") for r in group)),  # shorter than its header
                 ("long", any(r.get("long") for r in group)),
                 ("silent", any(r.get("silent") for r in group)),
                 ("low_confidence", any(v is not None and v < LOW_CONFIDENCE for v in confidence.values())),

@@ -10,8 +10,9 @@ log = logging.getLogger("acecap")
 
 
 # Outputs that worked but may be wrong, counted in the summary: a text cut at --max-new-tokens, a text ending in
-# a loop, a file longer than what was captioned, a silent file, a file over an hour.
-FLAGS = ("unfinished", "repetitive", "truncated", "silent", "long")
+# a loop, a file longer than what was captioned, one shorter than its header (--allow-partial), a silent file, a
+# file over an hour.
+FLAGS = ("unfinished", "repetitive", "truncated", "partial", "silent", "long")
 DONE = {"caption": "captioned", "lyrics": "transcribed", "meta": "analysed"}  # the summary's word per task
 
 
@@ -125,6 +126,8 @@ def _advice(flag: str, summary: Summary) -> str:
         "repetitive": "the text ends in a loop (the records' `repetitive`; review them with acecap review); "
         "--repetition-penalty above 1 discourages loops",
         "truncated": "longer than what was captioned (--max-duration); --long-audio segment or full for the rest",
+        "partial": "shorter than its header says (cut or damaged); --allow-partial described what it holds (the "
+        "records' `partial` says how much)",
         "silent": "nothing audible (peak below -80 dBFS)",
         "long": "over an hour: probably not one song",
     }[flag]
