@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import soundfile
 from conftest import run_acecap
 from test_benchmarks import load_program
+
+from acecap.acestep import export
 
 AUDIO = (".wav", ".mp3", ".flac", ".ogg", ".opus")
 
@@ -219,3 +222,16 @@ def test_tags_come_first_and_records_say_where_values_came_from(tmp_path):
     assert meta["bpm_source"] == "signal" and abs(meta["bpm"] - 128) <= 2 and meta["model"].endswith("(signal)")
     result = run_acecap(*base, "--meta-source", "tags,guess")
     assert result.returncode != 0 and "--meta-source" in result.stderr
+
+
+def test_a_name_that_is_not_utf8_is_left_out_of_the_csv_which_stays_readable(tmp_path):
+    names = ["plain.wav", os.fsdecode(b"latin1_\xe9.wav")]  # the second held with a lone surrogate
+    records = [{"path": str(tmp_path / name), "task": "caption", "caption": f"about {name!r}", "error": None}
+               for name in names]  # fmt: skip
+    relative = {record["path"]: Path(Path(record["path"]).name) for record in records}
+    written, failed = export(records, relative, ["csv", "acestep-dataset"], tmp_path)
+    assert not failed
+    rows = list(csv.DictReader((tmp_path / "dataset.csv").open(encoding="utf-8")))  # strict UTF-8 reads it
+    assert [row["File"] for row in rows] == ["plain.wav"]
+    samples = json.loads((tmp_path / "dataset.json").read_bytes().decode("utf-8"))["samples"]
+    assert [s["filename"] for s in samples] == names  # the JSON escapes the byte, so it keeps the song

@@ -19,7 +19,8 @@ from .records import latest_per_input, load_records
 from .reviews import FIELDS, audio_path, load_reviews
 
 STATUSES = ("unreviewed", "edited", "approved")  # edited: saved by a person, not yet approved
-FLAGS = ("error", "truncated", "cut", "repetitive", "partial", "long", "silent", "low_confidence")  # cut: at --max-new-tokens
+# cut: stopped at --max-new-tokens; partial: shorter than its header (--allow-partial)
+FLAGS = ("error", "truncated", "cut", "repetitive", "partial", "long", "silent", "low_confidence")
 LOW_CONFIDENCE = 0.5  # a tempo, key or metre below this is flagged low_confidence
 CONFIDENCES = ("bpm", "keyscale", "timesignature")
 SORTS = ("path", "duration", "caption", "lyrics", "language", "bpm", "keyscale", "timesignature", "confidence",
