@@ -16,6 +16,7 @@ from conftest import encode_with_pyav, run_acecap
 from acecap import Decoding
 from acecap.annotate import Job, annotate
 from acecap.inputs import Item, discover, in_shard
+from acecap.progress import summary_table
 from acecap.records import ANNOTATIONS, load_records
 
 
@@ -173,6 +174,18 @@ def test_a_txt_that_cannot_be_restored_fails_its_file_instead_of_passing(tiny_mo
     assert not summary.ok and [Path(path).name for path, _ in summary.failures] == ["clip01.wav"]
     assert "cannot write its .caption.txt" in summary.failures[0][1]
     assert (tmp_path / "out" / "clip00.caption.txt").is_file() and summary.skipped == 3
+
+
+def test_records_that_cannot_be_merged_stay_in_their_part_files_and_the_run_says_so(tiny_model, tmp_path):
+    write_tones(tmp_path / "in", 3)
+    (tmp_path / "out" / ANNOTATIONS).mkdir(parents=True)  # in the way of the merged file, as a full disk would be
+    summary = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    assert summary.captioned == 3 and not summary.ok and summary.unmerged
+    assert "the records are safe in the annotations.part-*.jsonl files" in summary_table(summary)
+    assert len(load_records(tmp_path / "out")) == 3  # read from the part files
+    (tmp_path / "out" / ANNOTATIONS).rmdir()
+    again = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out"), progress=False)
+    assert again.ok and again.skipped == 3 and len(records_of(tmp_path / "out")) == 3
 
 
 @pytest.mark.slow

@@ -195,6 +195,9 @@ def _follow(job: Job, workers: list, events, progress: Progress) -> None:
         elif kind == "fatal":
             log.error("worker %d (%s) could not start: %s", rank, device, extra)
             live -= 1
+        elif kind == "stopped":
+            log.error("worker %d (%s) stopped: %s", rank, device, extra)
+            live -= 1
         elif kind == "exit":
             live -= 1
         elif kind == "records":
@@ -224,7 +227,10 @@ def annotate(job: Job, progress: bool = True) -> Summary:
                 summary.interrupted = interrupts.count > 0
             tracker.close()
             summary.not_processed = len(pending) - tracker.seen
-        merge(job.output_dir)
+        try:
+            merge(job.output_dir)
+        except OSError as error:  # the records stay in their part files, which the next run merges
+            summary.unmerged = error.strerror or str(error)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 

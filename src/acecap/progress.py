@@ -37,10 +37,11 @@ class Summary:
     audio_seconds: float = 0.0
     elapsed_s: float = 0.0
     per_device: dict[int, dict] = field(default_factory=dict)  # worker rank → device, files, audio_s
+    unmerged: str | None = None  # why annotations.jsonl could not be written (a full disk)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.not_processed
+        return not self.failures and not self.not_processed and not self.unmerged
 
 
 class Progress:
@@ -112,6 +113,9 @@ def summary_table(summary: Summary) -> str:
     if summary.not_processed:
         why = "interrupted" if summary.interrupted else "no worker left"
         lines.append(f"not processed  {summary.not_processed} ({why}; run the command again)")
+    if summary.unmerged:
+        lines.append(f"not merged     annotations.jsonl could not be written ({summary.unmerged}); the records are "
+                     "safe in the annotations.part-*.jsonl files, and the next run merges them")  # fmt: skip
     for path, error in summary.failures:
         lines.append(f"  FAILED {path}: {error}")
     return "\n".join(lines)

@@ -251,15 +251,16 @@ class RecordWriter:
         self.paths = RecordPaths.of(folder)  # the job's roots were registered before any worker started
         # Locked before it has its name: a merge must never see this file unlocked and take it as finished.
         hidden = folder / f".acecap-{secrets.token_hex(8)}.tmp"
-        self.handle = open(hidden, "ab")
+        self.handle = open(hidden, "ab", buffering=0)  # unbuffered: a failed write leaves nothing to flush later
         _lock(self.handle, wait=True)
         os.replace(hidden, self.path)
 
     def write(self, records: list[dict]) -> None:
         if records:
-            lines = "".join(to_json(self.paths.to_disk(r)) + "\n" for r in records)
-            self.handle.write(lines.encode("utf-8", errors="surrogateescape"))
-            self.handle.flush()
+            text = "".join(to_json(self.paths.to_disk(r)) + "\n" for r in records)
+            data = memoryview(text.encode("utf-8", errors="surrogateescape"))
+            while data:
+                data = data[self.handle.write(data) :]
             os.fsync(self.handle.fileno())
 
     def close(self) -> None:

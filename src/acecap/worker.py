@@ -333,7 +333,11 @@ def worker_main(job: Job, rank: int, device: str, run_id: str, work, events, sto
         except Exception as error:
             events.put(("fatal", rank, device, f"{type(error).__name__}: {error}"))
             return
-        writer = pipelines.enter_context(RecordWriter(job.output_dir, f"{run_id}-{rank}"))
+        try:
+            writer = pipelines.enter_context(RecordWriter(job.output_dir, f"{run_id}-{rank}"))
+        except OSError as error:
+            events.put(("fatal", rank, device, f"cannot write the records: {error.strerror or error}"))
+            return
 
         def save(records: list[dict], relative: dict[str, Path]) -> None:
             records = commit(job, writer, records, relative)
@@ -345,5 +349,9 @@ def worker_main(job: Job, rank: int, device: str, run_id: str, work, events, sto
         if decoded is None:
             pipeline = pipelines.enter_context(Pipeline(decode_workers(job), worker.decode_options))
             decoded = pipeline.decode(items, ahead)
-        worker.run(decoded)
+        try:
+            worker.run(decoded)
+        except OSError as error:  # the records cannot be written (a full disk): stop, saying why
+            events.put(("stopped", rank, device, f"cannot write the records: {error.strerror or error}"))
+            return
     events.put(("exit", rank, device, None))
