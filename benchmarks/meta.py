@@ -5,7 +5,10 @@ Corpora, built by different methods:
 - `scores` (meta_scores.py): pieces composed as symbolic scores (grooves with syncopation, swing, 16th
   hi-hats; relative-key loops; modulations; tempo drift; detuning) rendered by fluidsynth with a General
   MIDI soundfont;
-- `issue`  (meta_scores.py): the two sets of pieces issue 16 reported, rebuilt (held-out split only).
+- `issue`  (meta_scores.py): the two sets of pieces issue 16 reported, rebuilt (held-out split only);
+- `beatless` (meta_beatless.py): noise, drones and glides (numpy) and held chords changing at irregular
+  times (fluidsynth): no tempo to find, so what is scored is whether the tempo's confidence says so (the
+  share below the default --meta-min-confidence, 0.3, which leaves it out of the ACE-Step files).
 
 Splits: `dev` draws seeds from 0, `heldout` from 100000, `heldout2` from 200000. Develop and tune on dev only
 (benchmarks/meta_fit.py fits the beat-level weights on it); run a held-out split once, to report. `heldout`
@@ -40,6 +43,7 @@ import soundfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the corpus builders beside this file
 
+import meta_beatless  # noqa: E402
 import meta_scores  # noqa: E402
 import meta_synth  # noqa: E402
 
@@ -47,7 +51,8 @@ from acecap.audio import load_audio  # noqa: E402
 from acecap.meta import PITCHES, analyse  # noqa: E402
 
 SPLITS = {"dev": 0, "heldout": 100000, "heldout2": 200000}
-CORPORA = ("synth", "scores", "issue")
+CORPORA = ("synth", "scores", "issue", "beatless")
+DEFAULT_MIN_CONFIDENCE = 0.3  # annotate's --meta-min-confidence
 KEY_WEIGHTS = {"exact": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2, "other": 0.0, "none": 0.0}
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
@@ -65,7 +70,9 @@ def key_relation(truth: str, found: str | None) -> str:
     return "relative" if interval == (9 if mode == "major" else 3) else "other"
 
 
-def tempo_scores(truth: float, found: int | None) -> dict:
+def tempo_scores(truth: float | None, found: int | None) -> dict:
+    if truth is None:  # no beat: nothing to be right about (see `withheld`)
+        return {"bpm_ok": None, "acc1": None, "acc2": None}
     if found is None:
         return {"bpm_ok": False, "acc1": False, "acc2": False}
     near = [abs(found - truth * factor) <= 0.04 * truth * factor for factor in (1, 2, 0.5, 3, 1 / 3)]
@@ -85,13 +92,16 @@ def score(corpus: str, truth: dict, found: dict) -> dict:
         "key_relation": relation,
         "key_ok": None if relation is None else relation == "exact",
         "key_weighted": None if relation is None else KEY_WEIGHTS[relation],
-        "metre_ok": found["timesignature"] == truth["timesignature"],
+        "metre_ok": None if truth["timesignature"] is None else found["timesignature"] == truth["timesignature"],
+        "withheld": {k: found[f"{k}_confidence"] < DEFAULT_MIN_CONFIDENCE for k in ("bpm", "timesignature")},
         "cpu_s": found["cpu_s"],
         "audio_s": found["duration"],
     }
 
 
 def summarise(rows: list[dict]) -> dict:
+    beatless = [r for r in rows if r["bpm"] is None]
+    timed = [r for r in rows if r["bpm"] is not None]
     keyed = [r for r in rows if r["key_ok"] is not None]
     share = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     relations = {name: sum(r["key_relation"] == name for r in keyed) for name in KEY_WEIGHTS}
@@ -105,14 +115,17 @@ def summarise(rows: list[dict]) -> dict:
         by_threshold[str(threshold)] = entry
     return {
         "cases": len(rows),
-        "bpm_within_2": share([r["bpm_ok"] for r in rows]),
-        "acc1": share([r["acc1"] for r in rows]),
-        "acc2": share([r["acc2"] for r in rows]),
+        "bpm_within_2": share([r["bpm_ok"] for r in timed]),
+        "acc1": share([r["acc1"] for r in timed]),
+        "acc2": share([r["acc2"] for r in timed]),
         "key_cases": len(keyed),
         "key_exact": share([r["key_ok"] for r in keyed]),
         "key_weighted": share([r["key_weighted"] for r in keyed]),
         "key_relations": relations,
-        "metre_exact": share([r["metre_ok"] for r in rows]),
+        "metre_exact": share([r["metre_ok"] for r in timed]),
+        "beatless_cases": len(beatless),  # and of them, the tempo and metre left out at the default threshold:
+        "tempo_withheld": share([r["withheld"]["bpm"] for r in beatless]),
+        "metre_withheld": share([r["withheld"]["timesignature"] for r in beatless]),
         "cpu_s_per_audio_min": sum(r["cpu_s"] for r in rows) / (sum(r["audio_s"] for r in rows) / 60) if rows else None,
         "by_confidence": by_threshold,
     }
@@ -129,15 +142,16 @@ def markdown(report: dict) -> str:
         f"{setup['librosa']}; analysis CPU time is process time (all threads).",
         "",
         "| corpus | clips | tempo ±2 BPM | Acc1 (±4 %) | Acc2 | key exact | key weighted | metre exact "
-        "| CPU s per audio min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| no beat: tempo / metre withheld | CPU s per audio min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in report["summary"].items():
+        withheld = f"{_percent(s['tempo_withheld'])} / {_percent(s['metre_withheld'])}" if s["beatless_cases"] else "–"
         lines.append(
             f"| {name} | {s['cases']} | {_percent(s['bpm_within_2'])} | {_percent(s['acc1'])} | "
             f"{_percent(s['acc2'])} | {_percent(s['key_exact'])} of {s['key_cases']} | "
             f"{'–' if s['key_weighted'] is None else format(s['key_weighted'], '.3f')} | "
-            f"{_percent(s['metre_exact'])} | {s['cpu_s_per_audio_min']:.3f} |"
+            f"{_percent(s['metre_exact'])} | {withheld} | {s['cpu_s_per_audio_min']:.3f} |"
         )
     total = report["summary"]["all"]
     relations = ", ".join(f"{name} {count}" for name, count in total["key_relations"].items() if count)
@@ -149,9 +163,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
     lines += ["", "| clip | truth | found | wrong |", "| --- | --- | --- | --- |"]
     for r in report["rows"]:
-        truth = f"{r['bpm']:g} BPM, {r['timesignature']}, {r['key'] or 'no key'}"
+        truth = "no beat" if r["bpm"] is None else f"{r['bpm']:g} BPM, {r['timesignature']}, {r['key'] or 'no key'}"
         found = f"{r['found_bpm']} BPM, {r['found_timesignature']}, {r['found_key']}"
+        if r["bpm"] is None:
+            found += f" (tempo confidence {r['confidence']['bpm']:.2f})"
         wrong = [name for name, ok in (("tempo", r["bpm_ok"]), ("metre", r["metre_ok"])) if ok is False]
+        wrong += [f"{name} kept" for name, kept in (("tempo", not r["withheld"]["bpm"]),
+                  ("metre", not r["withheld"]["timesignature"])) if r["bpm"] is None and kept]  # fmt: skip
         if r["key_ok"] is False:
             wrong.append(f"key ({r['key_relation']})")
         lines.append(f"| {r['name']} ({r['detail']}) | {truth} | {found} | {', '.join(wrong)} |")
@@ -181,6 +199,8 @@ def clips(corpus: str, split: str, count: int, seconds: float):
         return _synth_clips(count, first, seconds)
     if corpus == "scores":
         return _score_clips(meta_scores.pieces(count, first), seconds)
+    if corpus == "beatless":
+        return meta_beatless.clips(count, first, seconds)
     if split == "dev":
         raise ValueError("the issue corpus is held out: run it with a held-out split")
     return _score_clips(meta_scores.issue_pieces(first + 50000), seconds)
@@ -223,7 +243,7 @@ def run(corpora: list[str], split: str, counts: dict[str, int], seconds: float, 
                 found["cpu_s"] = time.process_time() - start
                 rows.append(score(corpus, truth, found))
                 print(f"{truth['name']}: {rows[-1]['found_bpm']} {rows[-1]['found_key']} "
-                      f"{rows[-1]['found_timesignature']} (truth {truth['bpm']:g} {truth['key']} "
+                      f"{rows[-1]['found_timesignature']} (truth {truth['bpm']} {truth['key']} "
                       f"{truth['timesignature']})", file=sys.stderr)  # fmt: skip
     return rows
 
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", choices=list(SPLITS), default="dev")
     parser.add_argument("--corpus", help=f"comma list of {', '.join(CORPORA)} (default: all the split has)")
     parser.add_argument("--cases", type=int, help="clips per seeded corpus (default 60 synth, 120 scores)")
+    parser.add_argument("--beatless", type=int, default=60, help="clips of the beatless corpus (default 60)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each clip")
     parser.add_argument("--cache", type=Path, help="keep rendered clips here and reuse them")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("benchmarks/results"))
@@ -245,9 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown corpus {', '.join(sorted(unknown))}")
     missing = meta_scores.fluidsynth_available()
-    if missing and set(corpora) & {"scores", "issue"}:
-        parser.error(f"the scores and issue corpora need fluidsynth: {missing}")
-    counts = {"synth": args.cases or 60, "scores": args.cases or 120, "issue": 19}
+    if missing and set(corpora) & {"scores", "issue", "beatless"}:
+        parser.error(f"the scores, issue and beatless corpora need fluidsynth: {missing}")
+    counts = {"synth": args.cases or 60, "scores": args.cases or 120, "issue": 19, "beatless": args.beatless}
     rows = run(corpora, args.split, counts, args.seconds, args.cache)
     summary = {corpus: summarise([r for r in rows if r["corpus"] == corpus]) for corpus in corpora}
     summary["all"] = summarise(rows)

@@ -72,6 +72,17 @@ def test_too_short_or_silent_says_nothing():
         assert found.bpm_confidence == found.keyscale_confidence == found.timesignature_confidence == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])  # white noise, held chords, pink noise, pads, a drone, pads
+def test_audio_without_a_pulse_gets_no_tempo_or_metre_it_would_export(seed):
+    beatless = meta.meta_beatless
+    if seed % 2 and NO_FLUIDSYNTH:
+        pytest.skip(f"held chords are rendered by fluidsynth: {NO_FLUIDSYNTH}")
+    audio, truth = (beatless.pad_clip if seed % 2 else beatless.noise_clip)(seed, 30.0)
+    found = analyse(to_clip(audio, beatless.RATE).samples)
+    assert found.bpm_confidence < meta.DEFAULT_MIN_CONFIDENCE, truth["detail"]
+    assert found.timesignature_confidence < meta.DEFAULT_MIN_CONFIDENCE, truth["detail"]
+
+
 def test_scores_against_the_truth():
     assert meta.key_relation("C major", "C major") == "exact"
     assert meta.key_relation("C major", "G major") == "fifth"  # the dominant, as mir_eval scores it
@@ -85,14 +96,22 @@ def test_scores_against_the_truth():
     assert meta.tempo_scores(100.0, 200) == {"bpm_ok": False, "acc1": False, "acc2": True}
     assert meta.tempo_scores(60.0, 180) == {"bpm_ok": False, "acc1": False, "acc2": True}  # a 6/8 in eighths
     assert meta.tempo_scores(100.0, 150) == {"bpm_ok": False, "acc1": False, "acc2": False}
+    assert meta.tempo_scores(None, 120) == {"bpm_ok": None, "acc1": None, "acc2": None}  # no beat to find
 
 
 def test_the_accuracy_program_counts_right(tmp_path):
-    corpora = "synth" if NO_FLUIDSYNTH else "synth,scores"
-    report = meta.main(["--split", "dev", "--corpus", corpora, "--cases", "3", "--seconds", "12", "-o", str(tmp_path)])
-    rows, summary = report["rows"], report["summary"]
+    corpora = "synth" if NO_FLUIDSYNTH else "synth,scores,beatless"
+    report = meta.main(["--split", "dev", "--corpus", corpora, "--cases", "3", "--beatless", "3", "--seconds", "12",
+                        "-o", str(tmp_path)])  # fmt: skip
+    clips, summary = report["rows"], report["summary"]
     total = summary["all"]
-    assert total["cases"] == len(rows) == 3 * len(corpora.split(","))
+    assert total["cases"] == len(clips) == 3 * len(corpora.split(","))
+    rows = [r for r in clips if r["bpm"] is not None]  # the beatless clips have no tempo to be right about
+    beatless = [r for r in clips if r["bpm"] is None]
+    assert total["beatless_cases"] == len(beatless)
+    if beatless:
+        withheld = sum(r["confidence"]["bpm"] < 0.3 for r in beatless) / len(beatless)
+        assert total["tempo_withheld"] == withheld == summary["beatless"]["tempo_withheld"]
     assert total["bpm_within_2"] == sum(abs(r["found_bpm"] - r["bpm"]) <= 2 for r in rows) / len(rows)
     assert total["acc1"] == sum(abs(r["found_bpm"] - r["bpm"]) <= 0.04 * r["bpm"] for r in rows) / len(rows)
     keyed = [r for r in rows if r["key"]]
@@ -101,12 +120,12 @@ def test_the_accuracy_program_counts_right(tmp_path):
     weights = {"exact": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2, "other": 0.0, "none": 0.0}
     assert total["key_weighted"] == pytest.approx(sum(weights[r["key_relation"]] for r in keyed) / len(keyed))
     assert total["metre_exact"] == sum(r["found_timesignature"] == r["timesignature"] for r in rows) / len(rows)
-    minutes = sum(r["audio_s"] for r in rows) / 60
-    assert total["cpu_s_per_audio_min"] == pytest.approx(sum(r["cpu_s"] for r in rows) / minutes)
+    minutes = sum(r["audio_s"] for r in clips) / 60
+    assert total["cpu_s_per_audio_min"] == pytest.approx(sum(r["cpu_s"] for r in clips) / minutes)
     everything = total["by_confidence"]["0.0"]
     assert everything["bpm"] == {"kept": 1.0, "accuracy": total["bpm_within_2"]}
     table = (tmp_path / "meta-dev.md").read_text()
-    assert f"| all | {len(rows)} | {total['bpm_within_2']:.0%} |" in table
+    assert f"| all | {len(clips)} | {total['bpm_within_2']:.0%} |" in table
     with pytest.raises(ValueError, match="held out"):
         meta.clips("issue", "dev", 1, 12.0)
 
