@@ -30,6 +30,8 @@ def test_sides_parse():
     assert parse_side("auto") == Side("auto", "auto")
     with pytest.raises(ValueError, match="DEVICE:DTYPE"):
         parse_side(":bf16")
+    with pytest.raises(ValueError, match="'bf17' is neither a dtype .* nor a quantization"):
+        parse_side("cpu:bf17")  # a typo, not a device index
 
 
 def test_the_suite_holds_what_it_says():

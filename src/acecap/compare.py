@@ -51,6 +51,9 @@ def parse_side(text: str) -> Side:
     parts = text.strip().split(":")
     quant = parts.pop() if len(parts) > 1 and parts[-1] in QUANTS else "none"
     dtype = parts.pop() if len(parts) > 1 and (parts[-1] in devices.DTYPES or parts[-1] == "auto") else "auto"
+    if len(parts) > 1 and not parts[-1].isdigit():  # only a card's index may follow the device
+        raise ValueError(f"bad side {text!r}: {parts[-1]!r} is neither a dtype ({', '.join(devices.DTYPES)}, auto) "
+                         f"nor a quantization ({', '.join(q for q in QUANTS if q != 'none')})")  # fmt: skip
     device = ":".join(parts)
     if not device or device in QUANTS or device in devices.DTYPES:
         raise ValueError(f"bad side {text!r}: use DEVICE:DTYPE or DEVICE:DTYPE:QUANT, like cpu:fp32 or cuda:bf16:int4")
