@@ -179,6 +179,7 @@ def test_a_shard_out_of_range_says_how_shards_count(tmp_path, shard, says):
         (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
         (["--model", "captoin=/no/such/folder"], "'captoin' is not a task; use caption=MODEL or lyrics=MODEL"),
         (["--decoder", "graphs", "--device", "cpu"], "--decoder graphs needs a CUDA device, not cpu"),
+        (["--sidecars-in", "/tmp/sidecars"], "--sidecars-in says where -f acestep writes its sidecars"),
     ],
 )
 @pytest.mark.slow

@@ -37,6 +37,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .reviews import reviewed_fields
 
     tasks = _tasks(args.tasks, ALL_TASKS)
+    if args.sidecars_in and "acestep" not in args.format:
+        raise ValueError("--sidecars-in says where -f acestep writes its sidecars: give -f acestep with it")
     if not 0.0 <= args.meta_min_confidence <= 1.0:
         raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
