@@ -64,6 +64,9 @@ def test_a_name_near_the_limit_is_written_and_its_temporary_name_does_not_grow(t
 def test_check_writable_makes_the_folder_and_leaves_nothing_in_it(tmp_path):
     check_writable(tmp_path / "new" / "out")
     assert (tmp_path / "new" / "out").is_dir() and not list((tmp_path / "new" / "out").iterdir())
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OSError, match="the output folder .*afile is a file"):
+        check_writable(tmp_path / "afile")
 
 
 def record(name: str) -> dict:

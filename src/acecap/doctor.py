@@ -44,7 +44,8 @@ def environment_lines() -> list[str]:
         f"torch         {torch.__version__} (cuda {torch.version.cuda or '-'})",
         f"transformers  {transformers.__version__}",
         f"torchvision   {_version('torchvision')}",
-        f"torchao       {_version('torchao')} (--quant; pip install 'acecap[quant]')",
+        f"torchao       {_version('torchao')} (for --quant)"
+        + (": pip install 'acecap[quant]'" if _version("torchao") == "not installed" else ""),
         f"torch_npu     {_version('torch_npu')}",
         f"CANN          {_cann()}",
         f"PYTORCH_NPU_ALLOC_CONF={os.environ.get('PYTORCH_NPU_ALLOC_CONF', '(unset)')}",

@@ -49,8 +49,9 @@ class Job:
             raise ValueError(f"unknown task {self.task!r}: use {', '.join(ALL_TASKS)}")
         if self.long_audio not in LONG_AUDIO:
             raise ValueError(f"unknown --long-audio {self.long_audio!r}: use {', '.join(LONG_AUDIO)}")
-        if self.segment_seconds <= 0 or self.max_duration <= 0:
-            raise ValueError("--segment-seconds and --max-duration must be positive")
+        for flag, seconds in (("--segment-seconds", self.segment_seconds), ("--max-duration", self.max_duration)):
+            if seconds <= 0:
+                raise ValueError(f"{flag} {seconds:g}: give a length in seconds above 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.decode_workers is not None and self.decode_workers < 1:

@@ -109,7 +109,8 @@ def summary_table(summary: Summary) -> str:
         )
     for rank, stats in summary.per_device.items():
         rate = stats["audio_s"] / summary.elapsed_s if summary.elapsed_s else 0.0
-        lines.append(f"  worker {rank} on {stats['device']}: {stats['files']} files, {rate:.1f} audio-s/s")
+        files = f"{stats['files']} file" + ("" if stats["files"] == 1 else "s")
+        lines.append(f"  worker {rank} on {stats['device']}: {files}, {rate:.1f} audio-s/s")
     if summary.not_processed:
         why = "interrupted" if summary.interrupted else "no worker left"
         lines.append(f"not processed  {summary.not_processed} ({why}; run the command again)")

@@ -50,6 +50,8 @@ def atomic_write(path: Path, text: str | bytes) -> None:
 
 def check_writable(folder: Path) -> None:
     """Fail at once, before any model loads, when `folder` cannot take files (made if missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"the output folder {folder} is a file: give a folder (it is made if missing)")
     probe = folder / f".acecap-{secrets.token_hex(8)}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
