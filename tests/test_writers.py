@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from acecap.records import ANNOTATIONS, RecordWriter, load_records, merge
-from acecap.writers import atomic_write, check_writable, to_json
+from acecap.writers import atomic_write, check_unique_names, check_writable, to_json
 
 LATIN1_NAME = os.fsdecode(b"latin1_\xe9\xff.wav")  # not UTF-8: Python holds \xe9\xff as lone surrogates
 
@@ -182,3 +182,9 @@ def test_records_under_a_root_roots_json_lacks_keep_it_until_it_is_added_back(tm
     assert {(r.get("root"), r["path"]) for r in on_disk} == {(None, "/songs/x.wav"), ("extra", "y.wav")}
     (tmp_path / "roots.json").write_text(json.dumps(roots))
     assert sorted(r["path"] for r in load_records(tmp_path)) == ["/data/extra/y.wav", "/songs/x.wav"]
+
+
+def test_every_pair_of_inputs_that_would_share_an_output_is_named():
+    check_unique_names(["a/x.wav", "a/x.wav", "b/y.wav"])  # the same file twice is one input
+    with pytest.raises(ValueError, match=r"a/x.wav and b/x.wav and a/x.ogg; a/y.wav and b/y.flac would write"):
+        check_unique_names(["a/x.wav", "b/x.wav", "a/y.wav", "a/x.ogg", "b/y.flac", "c/z.wav"])

@@ -72,12 +72,12 @@ def append_lines(path: Path, lines: list[str]) -> None:
 
 def check_unique_names(paths: list[str]) -> None:
     """Outputs are named after the input's file name; two inputs with one name would overwrite each other."""
-    seen: dict[str, str] = {}
-    for path in paths:
-        stem = Path(path).stem
-        if stem in seen and seen[stem] != path:
-            raise ValueError(f"{seen[stem]} and {path} would write the same output files; caption them separately")
-        seen[stem] = path
+    groups: dict[str, list[str]] = {}
+    for path in dict.fromkeys(paths):
+        groups.setdefault(Path(path).stem, []).append(path)
+    clashes = [" and ".join(group) for group in groups.values() if len(group) > 1]
+    if clashes:
+        raise ValueError(f"{'; '.join(clashes)} would write the same output files; caption them separately")
 
 
 def write_result(result, output_dir: Path, fmt: str) -> Path:
