@@ -189,11 +189,12 @@ def wait_for_records(folder: Path, count: int, process: subprocess.Popen, timeou
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_stops_after_or_drops_the_batch_merges_and_exits_130(tiny_model, tmp_path, presses):
+@pytest.mark.parametrize(("presses", "devices"), [(1, "cpu"), (2, "cpu"), (1, "cpu,cpu")])  # cpu,cpu: 2 processes
+def test_ctrl_c_stops_after_or_drops_the_batch_merges_and_exits_130(tiny_model, tmp_path, presses, devices):
     songs(tmp_path / "in", 40, seconds=2.0)
     output = tmp_path / "out"
-    command = annotate_command(tmp_path / "in", output, tiny_model, "--max-new-tokens", "24", "--batch-size", "2")
+    command = annotate_command(tmp_path / "in", output, tiny_model, "--max-new-tokens", "24", "--batch-size", "2",
+                               "--devices", devices)  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_records(output, 2, process)
     for _ in range(presses):

@@ -235,10 +235,24 @@ def annotate(job: Job, progress: bool = True) -> Summary:
     return summary
 
 
+class _SharedStop:
+    """The stop flag of spawned workers: one shared byte, read at every decode step without a lock (an Event's
+    lock, held by a worker the OOM killer ends, would hang every other worker)."""
+
+    def __init__(self, context):
+        self.flag = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self.flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self.flag.value)
+
+
 def _stop_event(job: Job):
     """What tells the workers to stop: shared with spawned processes when there are several."""
     if len(job.devices) > 1:
         import torch.multiprocessing as mp
 
-        return mp.get_context("spawn").Event()
+        return _SharedStop(mp.get_context("spawn"))
     return threading.Event()
