@@ -167,6 +167,18 @@ def test_clips_held_by_the_consumer_keep_no_file_open(tmp_path):
     held[0].clip.samples[:10] = 0.0  # the consumer's own memory: writable
 
 
+def test_closing_the_pipeline_ends_a_consumer_waiting_on_it(tmp_path):
+    pipeline = Pipeline(1, timeout_s=600)
+    decoded = pipeline.decode(items([endless(tmp_path / "stuck.wav")]), ahead=1)
+    taken = []
+    consumer = threading.Thread(target=lambda: taken.extend(decoded), daemon=True)
+    consumer.start()
+    time.sleep(1.0)  # the consumer waits for a file that will not decode in time
+    pipeline.close()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive() and taken == []  # it ends, instead of waiting for ever
+
+
 def _holds(pid: int, path: Path) -> bool:
     """The process has the file open (it is decoding it)."""
     try:

@@ -198,7 +198,12 @@ class Pipeline:
     def _results(self, ready: queue.Queue, stop: threading.Event) -> Iterator[Decoded]:
         try:
             while True:
-                decoded = ready.get()
+                try:
+                    decoded = ready.get(timeout=0.5)
+                except queue.Empty:
+                    if stop.is_set():  # closed: its thread ends without an end marker, so do not wait for one
+                        return
+                    continue
                 if decoded is None:
                     return
                 if isinstance(decoded, BaseException):
