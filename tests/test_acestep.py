@@ -235,3 +235,18 @@ def test_a_name_that_is_not_utf8_is_left_out_of_the_csv_which_stays_readable(tmp
     assert [row["File"] for row in rows] == ["plain.wav"]
     samples = json.loads((tmp_path / "dataset.json").read_bytes().decode("utf-8"))["samples"]
     assert [s["filename"] for s in samples] == names  # the JSON escapes the byte, so it keeps the song
+
+
+def test_a_value_acecap_wrote_and_now_withholds_becomes_unknown_but_a_persons_stays(tmp_path):
+    from acecap.acestep import Song, write_sidecars
+
+    audio = tmp_path / "drone.wav"
+    first = Song(audio, Path(audio.name), caption="A drone.", bpm=120, keyscale="A minor")
+    write_sidecars(first, None)
+    redone = Song(audio, Path(audio.name), caption="A drone.", bpm=None, keyscale="A minor")  # now below threshold
+    write_sidecars(redone, None, before=first)
+    assert json.loads((tmp_path / "drone.json").read_text())["bpm"] is None  # as dataset.csv leaves it
+    sidecar = json.loads((tmp_path / "drone.json").read_text())
+    (tmp_path / "drone.json").write_text(json.dumps({**sidecar, "bpm": 118}))  # a person sets it
+    write_sidecars(redone, None, before=first)
+    assert json.loads((tmp_path / "drone.json").read_text())["bpm"] == 118

@@ -281,6 +281,20 @@ def test_files_cut_at_max_duration_are_redone_by_a_run_that_would_caption_more(t
     longer = sum(r["truncated"] for r in records_of(tmp_path / "out"))
     assert run(long_audio="full").captioned == longer and run(long_audio="full").skipped == 4
     assert not any(r["truncated"] for r in records_of(tmp_path / "out"))
+    assert run().skipped == 4  # a default run reads less than full did: it redoes nothing
+
+
+def test_which_runs_redo_a_file_cut_short():
+    from acecap.annotate import _cut_earlier
+
+    def redo(before: str, now: str, max_before: float = 300.0, max_now: float = 300.0) -> bool:
+        record = {"truncated": True, "long_audio": before, "max_duration": max_before}
+        return _cut_earlier(record, Job(inputs=[], output_dir=Path("."), long_audio=now, max_duration=max_now))
+
+    assert redo("truncate", "full") and redo("truncate", "segment") and redo("full", "segment")
+    assert redo("truncate", "truncate", max_now=600.0) and not redo("truncate", "truncate")
+    assert not redo("full", "truncate") and not redo("segment", "truncate") and not redo("segment", "full")
+    assert not redo("full", "full") and not redo("segment", "segment")
 
 
 def test_other_formats_decode_in_annotate(tiny_model, tmp_path, audio_dir):

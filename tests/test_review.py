@@ -29,7 +29,7 @@ from acecap.generate import Decoding
 from acecap.inputs import discover
 from acecap.records import latest_per_input, load_records
 from acecap.review import running
-from acecap.reviews import changes, check_fields, export_reviewed, load_reviews
+from acecap.reviews import append_review, changes, check_fields, export_reviewed, load_reviews
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -434,6 +434,16 @@ def test_an_export_leaves_unsure_machine_values_unknown_as_annotate_does(tmp_pat
     assert any(not row["BPM"] for row in exported[0.5].values()) and any(row["BPM"] for row in exported[0.5].values())
     usage = run_acecap("review", str(tmp_path / "out"), "--meta-min-confidence", "0.5")
     assert usage.returncode == 2 and "go with --export" in usage.stderr
+    # Approved as they stand: a review holds every label, but a machine value nobody changed stays withheld; a
+    # value the person changed is theirs, whatever the machine's confidence was.
+    catalog = Catalog(tmp_path / "out")
+    for entry in catalog.entries:
+        fields = {**entry.fields, "bpm": 77} if entry.id == 0 else entry.fields
+        append_review(tmp_path / "out", entry.path, check_fields(fields, entry.fields), True)
+    export_reviewed(tmp_path / "out", "approved", ["csv"], tmp_path / "approved", min_confidence=0.5)
+    approved = {row["File"]: row for row in csv.DictReader((tmp_path / "approved" / "dataset.csv").open())}
+    assert approved == {name: {**row, "BPM": "77"} if name == Path(catalog.entries[0].path).name else row
+                        for name, row in exported[0.5].items()}  # fmt: skip
 
 
 def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):

@@ -73,8 +73,9 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
                        min_confidence: float = 0.0) -> list[Song]:  # fmt: skip
     """One Song per audio file with at least one successful record, fields from each task's record (meta values
     below `min_confidence` left unknown), then from its latest review (`reviews`: record path → the fields a
-    person saved), which wins."""
+    person saved), which wins where the person changed a value."""
     songs: dict[str, Song] = {}
+    machine: dict[str, dict] = {}  # path → its meta record's values before the threshold
     for record in records:
         if record.get("error") or record["path"] not in relative:
             continue
@@ -91,9 +92,15 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
             song.bpm, song.keyscale = (_confident(record, key, min_confidence) for key in ("bpm", "keyscale"))
             beats = _confident(record, "timesignature", min_confidence)
             song.timesignature = str(beats) if beats is not None else None
+            beats = record.get("timesignature")
+            machine[record["path"]] = {"bpm": record.get("bpm"), "keyscale": record.get("keyscale"),
+                                       "timesignature": str(beats) if beats is not None else None}  # fmt: skip
     for path, fields in (reviews or {}).items():
         if path in songs:
             for key, value in fields.items():
+                # A review holds every label, changed or not: a machine value it left as it was stays withheld.
+                if getattr(songs[path], key) is None and value is not None and machine.get(path, {}).get(key) == value:
+                    continue
                 setattr(songs[path], key, value)
     return list(songs.values())
 
@@ -132,8 +139,8 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, bef
     for key, value in song.fields().items():
         empty = existing.get(key) in (None, "", UNKNOWN.get(key))
         unknown = value is None or value == UNKNOWN.get(key)
-        ours = key in earlier and existing.get(key) == earlier[key]
-        if empty or ((overwrite or ours) and not unknown):  # an unknown never replaces a value, even with --overwrite
+        ours = key in earlier and existing.get(key) == earlier[key]  # acecap wrote it: it may even become unknown
+        if empty or ours or (overwrite and not unknown):  # a person's value never becomes unknown, even --overwrite
             merged[key] = value
     if merged != existing or not path.is_file():
         atomic_write(path, to_json(merged, indent=2) + "\n")

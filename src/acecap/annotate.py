@@ -51,14 +51,17 @@ def _cut_shorter(record: dict, job: Job) -> bool:
     return any(t.get("finished") is False and (t.get("tokens") or 0) < job.decoding.max_new_tokens for t in texts)
 
 
+READS = {"truncate": 0, "full": 1, "segment": 2}  # how much of a long file each --long-audio reads, in order
+
+
 def _cut_earlier(record: dict, job: Job) -> bool:
-    """A file cut at --max-duration, of which this run would caption more (--long-audio full or segment, or a
-    longer --max-duration): redone. Not again under the same settings, whatever the model's own limit."""
+    """A file cut short, of which this run would caption more: --long-audio full after truncate, segment (an hour)
+    after either, or a longer --max-duration. Not again under the same settings, nor by a run reading less."""
     if job.task == "meta" or not record.get("truncated"):
         return False
     mode = record.get("long_audio", "truncate")  # records before 2026-11-29 name neither
-    if job.long_audio != mode:
-        return True
+    if READS[job.long_audio] != READS[mode]:
+        return READS[job.long_audio] > READS[mode]
     return mode == "truncate" and job.max_duration > (record.get("max_duration") or float("inf"))
 
 

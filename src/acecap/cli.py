@@ -381,7 +381,7 @@ def _review_parser(commands) -> None:
     group.add_argument("--export-to", type=Path, metavar="DIR",
                        help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
     group.add_argument("--meta-min-confidence", type=float, metavar="C",
-                       help="with --export: a tempo, key or time signature no person saved whose confidence is "
+                       help="with --export: a tempo, key or time signature no person changed whose confidence is "
                        "below C is written as unknown, as annotate writes it (default 0.3)")  # fmt: skip
 
 

@@ -282,7 +282,7 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
 
     Sidecars go beside each song (values already in them are kept, as annotate does); dataset.csv and
     dataset.json into `output_dir` (default `folder`). A machine's tempo, key or metre below `min_confidence`
-    is written as unknown, as annotate writes it; a value a person saved is written as it is."""
+    is written as unknown, as annotate writes it; a value a person changed is written as changed."""
     if which not in EXPORTS:
         raise ValueError(f"--export {which!r}: use {' or '.join(EXPORTS)}")
     if not formats:
