@@ -140,7 +140,7 @@ def test_the_file_of_a_run_that_died_is_merged_and_removed(tmp_path):
     assert not part.exists() and captions(tmp_path) == ["d1"]
 
 
-def test_a_merge_waits_for_the_folder_lock_another_process_holds(tmp_path):
+def test_a_merge_and_a_reading_wait_for_the_folder_lock_another_process_holds(tmp_path):
     RecordWriter(tmp_path, "mine").write([record("m1")])
     holder = other_run(
         tmp_path,
@@ -150,13 +150,19 @@ def test_a_merge_waits_for_the_folder_lock_another_process_holds(tmp_path):
             sys.stdin.readline()
     """,
     )
+    read = []
     merging = threading.Thread(target=merge, args=(tmp_path,))
+    reading = threading.Thread(target=lambda: read.extend(load_records(tmp_path)))
     merging.start()
+    reading.start()
     merging.join(1.0)
-    assert merging.is_alive() and not (tmp_path / ANNOTATIONS).exists()
+    reading.join(0.1)
+    assert merging.is_alive() and reading.is_alive() and not (tmp_path / ANNOTATIONS).exists()
     finish(holder)
     merging.join(30)
-    assert not merging.is_alive() and captions(tmp_path) == ["m1"]
+    reading.join(30)
+    assert not merging.is_alive() and captions(tmp_path) == ["m1"] and [r["caption"] for r in read] == ["m1"]
+    assert load_records(tmp_path / "no such folder") == []  # nothing to lock: nothing to read
 
 
 def test_the_run_written_last_wins_whatever_its_part_file_is_called(tmp_path):

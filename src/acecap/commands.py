@@ -33,7 +33,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .inputs import discover
     from .job import ALL_TASKS, Job
     from .progress import summary_table
-    from .records import latest_per_input, load_records
+    from .records import latest_per_input, load_records, settled
     from .reviews import reviewed_fields
 
     tasks = _tasks(args.tasks, ALL_TASKS)
@@ -42,8 +42,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.meta_min_confidence <= 1.0:
         raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
     models = _models(args.model, [task for task in tasks if task != "meta"])
-    for model in models.values():  # a folder that is not a checkpoint ends the command now, not in each worker
-        check_model(model)
+    for model in models.values() if args.ray is None else ():  # a Ray cluster's nodes may hold folders this one lacks
+        check_model(model)  # a folder that is not a checkpoint ends the command now, not in each worker
     devices = [args.device] if args.ray is not None else expand_devices(args.devices or args.device)
     if args.decoder == "graphs" and args.ray is None and models:
         kinds = sorted({device_kind(device) for device in devices} - {"cuda"})
@@ -103,10 +103,10 @@ def annotate_command(args: argparse.Namespace) -> int:
     formats = [f for f in args.format if f != "txt"]
     if formats:
         relative = {os.path.abspath(item.path): item.relative for item in items}
-        records = latest_per_input(load_records(args.output_dir))
         reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
-        written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
-                                 reviews, args.meta_min_confidence, before)  # fmt: skip
+        with settled(args.output_dir) as records:  # shards finishing at once export one after the other
+            written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
+                                     reviews, args.meta_min_confidence, before)  # fmt: skip
         print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
         for path, reason in failed:
             say_error(f"{path}: not written: {reason}")

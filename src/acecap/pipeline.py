@@ -258,6 +258,7 @@ class Pipeline:
                         task, count = _Task(count, item), count + 1
                     if not worker.send(task, self.options):
                         retry.appendleft(task)
+                        unusable += self._finished_before_it_died(worker)
                         unusable += self._died(worker, worker.stop(), retry)
                         break
             yield from unusable
@@ -285,6 +286,12 @@ class Pipeline:
             elif time.monotonic() - worker.busy_since > self.timeout_s:
                 reason = f"still decoding after {self.timeout_s:.0f} s"
                 yield from self._died(worker, reason, retry, killed=True)
+
+    @staticmethod
+    def _finished_before_it_died(worker: _Worker) -> Iterator[Decoded]:
+        """The results a dead worker sent before it went, still unread in its socket: not its fault."""
+        while worker.tasks and (message := worker.receive()) is not None:
+            yield _decoded(worker.tasks.popleft(), message)
 
     def _died(self, worker: _Worker, how: str, retry: collections.deque, killed: bool = False) -> Iterator[Decoded]:
         """A worker is gone: the file it was decoding gets another try or an error; the rest go back in line."""

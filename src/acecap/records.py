@@ -41,13 +41,14 @@ _LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 _warned_locks = False
 
 
-def _lock(handle, wait: bool) -> bool:
+def _lock(handle, wait: bool, shared: bool = False) -> bool:
     """Lock the open file whole for this process; False when another process holds it (only without `wait`).
+    POSIX locks belong to the process, and closing any descriptor of the file drops them: never nest them.
 
     A filesystem without locks gives True, with one warning: runs that share the folder are then unsafe."""
     global _warned_locks
     try:
-        fcntl.lockf(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except OSError as error:
         if error.errno in (errno.EAGAIN, errno.EACCES):
             return False
@@ -61,10 +62,19 @@ def _lock(handle, wait: bool) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold the output folder's lock: other processes (on any machine sharing it) wait."""
-    with open(Path(folder) / LOCK, "a") as handle:  # never removed: a removed lock file lets two in at once
-        _lock(handle, wait=True)
+def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the output folder's lock: exclusive to change the job's files (other processes, on any machine
+    sharing the folder, wait), shared to read them whole. A reader of a folder it cannot write (or that does not
+    exist) reads without it: no run of this process merges there."""
+    try:
+        handle = open(Path(folder) / LOCK, "a+")  # never removed: a removed lock file lets two in at once
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    with handle:
+        _lock(handle, wait=True, shared=shared)
         yield
 
 
@@ -187,8 +197,21 @@ def _read(path: Path, repair: bool = True) -> list[dict]:
 
 def load_records(folder: Path) -> list[dict]:
     """Every record of the job in `folder`, each `path` absolute (unless its root is not in roots.json): the
-    merged file first, then unmerged per-process files, the one last written last."""
-    folder = Path(folder)
+    merged file first, then unmerged per-process files, the one last written last. Read under the folder's
+    shared lock, so that a merge of another run cannot move records between the two while they are read."""
+    with folder_lock(folder, shared=True):
+        return _load(Path(folder))
+
+
+@contextlib.contextmanager
+def settled(folder: Path) -> Iterator[list[dict]]:
+    """The job's latest record per file and task, with the folder locked while the caller writes what follows
+    from them (the ACE-Step files): no other run's merge or export comes between."""
+    with folder_lock(folder):
+        yield latest_per_input(_load(Path(folder)))
+
+
+def _load(folder: Path) -> list[dict]:
     paths = RecordPaths.of(folder)
     merged = folder / ANNOTATIONS
     records = [paths.from_disk(record, merged) for record in (_read(merged) if merged.is_file() else [])]
@@ -233,7 +256,7 @@ def merge(folder: Path) -> list[dict]:
     folder = Path(folder)
     with folder_lock(folder), contextlib.ExitStack() as held:
         finished = [part for part in sorted(folder.glob(PART_GLOB)) if _finished(part, held)]
-        records = latest_per_input(load_records(folder))
+        records = latest_per_input(_load(folder))
         paths = RecordPaths.of(folder)
         atomic_write(folder / ANNOTATIONS, "".join(to_json(paths.to_disk(r)) + "\n" for r in records))
         for part in finished:
