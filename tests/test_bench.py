@@ -76,8 +76,9 @@ def test_bench_command_runs_on_the_tiny_shape(tmp_path):
         assert run["audio_s_per_s"] == pytest.approx(run["batch"] * 2.0 / total)
         assert (run["ttft_min_s"], run["ttft_max_s"]) == (min(run["first_token_s"]), max(run["first_token_s"]))
         assert run["bandwidth_gb_s"] == pytest.approx(run["step_bytes"] / (decode / 5) / 1e9)
-        # The weights and the work, not the interpreter and its libraries (about 1 GiB of resident memory).
-        assert report["setup"]["weight_bytes"] < run["peak_memory_bytes"] < 2**29
+        # The weights and the work, not the interpreter and its libraries (about 1 GiB of resident memory). The
+        # transformers decoder on 4.57 grows by 470-520 MiB here (torch's and oneDNN's caches): 768 MiB leaves room.
+        assert report["setup"]["weight_bytes"] < run["peak_memory_bytes"] < 3 * 2**28
         ttft = statistics.mean(run["first_token_s"])
         assert run["prefill_tflop_s"] == pytest.approx(run["prefill_flops"] / ttft / 1e12) and run["prefill_flops"] > 0
     table = (tmp_path / "bench.md").read_text()

@@ -263,10 +263,12 @@ def test_a_read_only_output_folder_fails_before_any_model_loads(tmp_path):
     write_song(tmp_path / "in" / "song.wav")
     (tmp_path / "out").mkdir()
     (tmp_path / "out").chmod(0o555)
-    missing = str(tmp_path / "no-such-model")  # were the model loaded first, this would be the error
+    missing = "nobody/no-such-model"  # a hub id, offline: were the model looked up first, this would be the error
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for command in (["annotate", str(tmp_path / "in"), "-o", str(tmp_path / "out")],
                     ["caption", str(tmp_path / "in" / "song.wav"), "-o", str(tmp_path / "out")]):  # fmt: skip
-        result = subprocess.run(as_a_user() + ACECAP + command + ["--model", missing], capture_output=True, text=True)
+        result = subprocess.run(as_a_user() + ACECAP + command + ["--model", missing], capture_output=True, text=True,
+                                env=offline)  # fmt: skip
         assert result.returncode == 2, result.stderr
         assert f"cannot write to the output folder {tmp_path / 'out'}: Permission denied" in result.stderr
 
