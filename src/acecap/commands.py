@@ -39,8 +39,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks, ALL_TASKS)
     if args.sidecars_in and "acestep" not in args.format:
         raise ValueError("--sidecars-in says where -f acestep writes its sidecars: give -f acestep with it")
-    if not 0.0 <= args.meta_min_confidence <= 1.0:
-        raise ValueError(f"--meta-min-confidence {args.meta_min_confidence}: use a confidence from 0 to 1")
+    _check_confidence(args.meta_min_confidence)
     models = _models(args.model, [task for task in tasks if task != "meta"])
     for model in models.values() if args.ray is None else ():  # a Ray cluster's nodes may hold folders this one lacks
         check_model(model)  # a folder that is not a checkpoint ends the command now, not in each worker
@@ -112,6 +111,13 @@ def annotate_command(args: argparse.Namespace) -> int:
             say_error(f"{path}: not written: {reason}")
         ok &= not failed
     return 0 if ok else 1
+
+
+def _check_confidence(value: float) -> float:
+    """--meta-min-confidence, in [0, 1] (annotate and review --export)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--meta-min-confidence {value}: use a confidence from 0 to 1")
+    return value
 
 
 def _meta_sources(text: str) -> tuple[str, ...]:
@@ -346,9 +352,7 @@ def review_command(args: argparse.Namespace) -> int:
         return 0
     from .reviews import export_reviewed
 
-    confidence = 0.3 if args.meta_min_confidence is None else args.meta_min_confidence
-    if not 0.0 <= confidence <= 1.0:
-        raise ValueError(f"--meta-min-confidence {confidence}: use a confidence from 0 to 1")
+    confidence = _check_confidence(0.3 if args.meta_min_confidence is None else args.meta_min_confidence)
     written, failed = export_reviewed(args.output_dir, args.export, args.format, args.export_to, confidence)
     print(f"ACE-Step files written: {len(written)}", file=sys.stderr)
     for path in written:

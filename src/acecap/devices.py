@@ -116,11 +116,16 @@ def _auto_npu_count() -> int:
         return 0
 
 
+def _auto() -> str:
+    """What `auto` means on this machine (choose_auto over its devices)."""
+    return choose_auto(_auto_npu_count(), _count("cuda"), _count("mps"))
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn `auto`, `cpu`, `cuda[:i]`, `npu[:i]` or `mps` into a usable torch.device, or raise DeviceError."""
     spec = spec.strip().lower()
     if spec == "auto":
-        spec = choose_auto(_auto_npu_count(), _count("cuda"), _count("mps"))
+        spec = _auto()
     kind, _, index_text = spec.partition(":")
     if kind not in KINDS:
         raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda[:i], npu[:i] or mps")
@@ -296,13 +301,13 @@ def empty_cache(device: torch.device) -> None:
 def device_kind(spec: str) -> str:
     """cpu, cuda, npu or mps: the kind of device `spec` names (`auto`: this machine's choice)."""
     spec = spec.strip().lower()
-    return (choose_auto(_auto_npu_count(), _count("cuda"), _count("mps")) if spec == "auto" else spec).partition(":")[0]
+    return (_auto() if spec == "auto" else spec).partition(":")[0]
 
 
 def expand_devices(spec: str) -> list[str]:
     """`all` → every card of the preferred accelerator (else one cpu); a comma list → its items."""
     if spec.strip().lower() == "all":
-        first = choose_auto(_auto_npu_count(), _count("cuda"), _count("mps"))
+        first = _auto()
         kind = first.partition(":")[0]
         if kind in ("cuda", "npu"):
             return [f"{kind}:{index}" for index in range(_count(kind))]

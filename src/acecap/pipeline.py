@@ -324,11 +324,11 @@ def _decoded(task: _Task, message: dict) -> Decoded:
     clip, error = None, message["error"]
     if error is None:
         count, fd = message["samples"], message["fd"]
-        samples = np.empty(count, dtype=np.float32)
-        try:
-            received = _read_into(fd, memoryview(samples).cast("B")) if fd is not None else 0
-        finally:
-            if fd is not None:
+        samples, received = np.empty(count, dtype=np.float32), 0
+        if fd is not None:
+            try:
+                received = _read_into(fd, memoryview(samples).cast("B"))
+            finally:
                 os.close(fd)
         if received == samples.nbytes:
             clip = Clip(samples=samples, **message["clip"])

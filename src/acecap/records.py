@@ -176,13 +176,12 @@ def _read(path: Path, repair: bool = True) -> list[dict]:
         data = path.read_bytes()
     except FileNotFoundError:  # a part file merged away by another run since the folder was listed
         return []
-    if data and not data.endswith(b"\n") and not repair:
-        data = data[: data.rfind(b"\n") + 1]
-    elif data and not data.endswith(b"\n"):
+    if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        log.warning("%s: removing a record cut off by an interrupted run", path)
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
+        if repair:
+            log.warning("%s: removing a record cut off by an interrupted run", path)
+            with path.open("r+b") as handle:
+                handle.truncate(keep)
         data = data[:keep]
     records = []
     for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
