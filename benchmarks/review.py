@@ -88,10 +88,8 @@ def write_job(folder: Path, files: int, seed: int) -> dict:
             draw = rng.random()
             status = "approved" if draw < 0.03 else "edited" if draw < 0.04 else "unreviewed"
             if status != "unreviewed":
-                fields = {"caption": caption, "lyrics": lyrics, "bpm": records[2]["bpm"],
-                          "keyscale": records[2]["keyscale"], "timesignature": str(records[2]["timesignature"]),
-                          "language": records[1]["language"], "is_instrumental": instrumental}  # fmt: skip
-                reviews.append({"path": path, "approved": status == "approved", "fields": fields,
+                edits = {"bpm": records[2]["bpm"] + 1} if status == "edited" else {}
+                reviews.append({"path": path, "approved": status == "approved", "edits": edits,
                                 "reviewed_at": "2026-11-28T00:00:00+00:00"})  # fmt: skip
                 expected[status] += 1
             text = f"{path}\n{caption or ''}\n{lyrics}".lower()
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             rewrites = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                files.add(song)
+                files.add(song, {"caption": song.caption})
                 files.wait()
                 rewrites.append(time.perf_counter() - start)
             files.close()

@@ -250,3 +250,23 @@ def test_a_value_acecap_wrote_and_now_withholds_becomes_unknown_but_a_persons_st
     (tmp_path / "drone.json").write_text(json.dumps({**sidecar, "bpm": 118}))  # a person sets it
     write_sidecars(redone, None, before=first)
     assert json.loads((tmp_path / "drone.json").read_text())["bpm"] == 118
+
+
+def test_a_stricter_threshold_on_a_rerun_takes_back_the_guesses_acecap_wrote_under_a_looser_one(tmp_path):
+    meta = {
+        "path": str(tmp_path / "plain.wav"),
+        "task": "meta",
+        "error": None,
+        "bpm": 120,
+        "bpm_confidence": 0.9,
+        "keyscale": "C minor",
+        "keyscale_confidence": 0.24,
+        "timesignature": 4,
+        "timesignature_confidence": 0.11,
+    }
+    relative = {meta["path"]: Path("plain.wav")}
+    export([meta], relative, ["acestep"], tmp_path, min_confidence=0.0)
+    assert json.loads((tmp_path / "plain.json").read_text())["keyscale"] == "C minor"
+    export([meta], relative, ["acestep"], tmp_path, min_confidence=0.5, records_before=[meta])
+    sidecar = json.loads((tmp_path / "plain.json").read_text())
+    assert (sidecar["bpm"], sidecar["keyscale"], sidecar["timesignature"]) == (120, "", "")

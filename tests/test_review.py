@@ -209,7 +209,7 @@ def check_edit_landed(songs: Path, out: Path, approved: bool) -> None:
 def _check_edit_landed(songs: Path, out: Path, approved: bool) -> None:
     review = load_reviews(out)[str(songs / "a.wav")]
     assert review["approved"] is approved
-    assert (review["fields"]["caption"], review["fields"]["bpm"], review["fields"]["keyscale"]) == (
+    assert (review["edits"]["caption"], review["edits"]["bpm"], review["edits"]["keyscale"]) == (
         EDITED_CAPTION,
         97,
         "D major",
@@ -351,8 +351,8 @@ def test_the_index_filters_and_sorts_as_a_plain_scan_does(tmp_path):
     catalog = Catalog(tmp_path / "out")
     reviews = [(3, True), (5, False), (8, True)]
     for entry_id, approved in reviews:
-        fields = {**catalog.entries[entry_id].fields, "bpm": 100 + entry_id}
-        catalog.update(entry_id, {"path": catalog.entries[entry_id].path, "approved": approved, "fields": fields})
+        edits = {"bpm": 100 + entry_id}
+        catalog.update(entry_id, {"path": catalog.entries[entry_id].path, "approved": approved, "edits": edits})
     entries = catalog.entries
 
     def scan(keep, key, descending=False):
@@ -439,11 +439,126 @@ def test_an_export_leaves_unsure_machine_values_unknown_as_annotate_does(tmp_pat
     catalog = Catalog(tmp_path / "out")
     for entry in catalog.entries:
         fields = {**entry.fields, "bpm": 77} if entry.id == 0 else entry.fields
-        append_review(tmp_path / "out", entry.path, check_fields(fields, entry.fields), True)
+        append_review(tmp_path / "out", entry.path, changes(check_fields(fields, entry.fields), entry.machine), True)
     export_reviewed(tmp_path / "out", "approved", ["csv"], tmp_path / "approved", min_confidence=0.5)
     approved = {row["File"]: row for row in csv.DictReader((tmp_path / "approved" / "dataset.csv").open())}
     assert approved == {name: {**row, "BPM": "77"} if name == Path(catalog.entries[0].path).name else row
                         for name, row in exported[0.5].items()}  # fmt: skip
+
+
+# ---- reviews over later runs, and saves over the dataset files ----------------------------------------
+
+
+def records_of(songs: Path, name: str, **tasks: dict) -> list[dict]:
+    """One record per task for songs/name, each task's values as given (an `error` makes it a failed one)."""
+    common = {"path": str(songs / name), "size": 1, "mtime_ns": 1, "prompt": "", "duration": 3.0, "error": None}
+    return [{**common, "task": task, "model": "m", **values} for task, values in tasks.items()]
+
+
+def add_records(out: Path, records: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "annotations.jsonl").open("a") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def sample(out: Path, name: str) -> dict:
+    return next(s for s in json.loads((out / "dataset.json").read_text())["samples"] if s["filename"] == name)
+
+
+def test_a_review_holds_what_the_person_changed_so_what_later_runs_redo_still_lands(tmp_path):
+    songs, out = tmp_path / "songs", tmp_path / "labels"
+    songs.mkdir()
+    cut = {"caption": "A cut", "finished": False}
+    add_records(out, records_of(songs, "approved.wav", caption=cut) + records_of(songs, "tempo.wav", caption=cut)
+                + records_of(songs, "tempo.wav", meta={"bpm": 120, "bpm_confidence": 0.9}))  # fmt: skip
+    ids = by_name(out)
+    with running(out) as url, httpx.Client(base_url=url) as client:
+        for name, change in (("approved.wav", {}), ("tempo.wav", {"bpm": "97"})):
+            shown = client.get(f"/api/songs/{ids[name]}").json()  # what the page sends: every field it shows
+            fields = {key: "" if value is None else value for key, value in shown["fields"].items()}
+            fields["is_instrumental"] = bool(fields["is_instrumental"])
+            answer = client.post(f"/api/songs/{ids[name]}/review", json={"fields": {**fields, **change},
+                                 "approved": True, "version": shown["version"]})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+    assert {Path(p).name: r["edits"] for p, r in load_reviews(out).items()} == {
+        "approved.wav": {},
+        "tempo.wav": {"bpm": 97},
+    }
+    # Later runs: lyrics for both, and whole captions (a higher --max-new-tokens).
+    whole = {"caption": "A whole caption.", "finished": True}
+    lyrics = {"lyrics": "[verse]\nla la", "language": "en", "is_instrumental": False}
+    add_records(out, records_of(songs, "approved.wav", caption=whole, lyrics=lyrics)
+                + records_of(songs, "tempo.wav", caption=whole, lyrics=lyrics))  # fmt: skip
+    export_reviewed(out, "approved", ["acestep", "acestep-dataset"])
+    for name in ("approved.wav", "tempo.wav"):
+        assert (sample(out, name)["caption"], sample(out, name)["lyrics"]) == ("A whole caption.", "[verse]\nla la")
+        assert (songs / name.replace(".wav", ".lyrics.txt")).read_text() == "[verse]\nla la\n"
+    assert (sample(out, "tempo.wav")["bpm"], sample(out, "approved.wav")["bpm"]) == (97, None)
+    # A line written before reviews kept only edits (all seven labels) still lets the later lyrics through.
+    legacy = {"path": str(songs / "approved.wav"), "approved": True, "reviewed_at": "2026-11-20T00:00:00+00:00",
+              "fields": {"caption": "Said by a person.", "lyrics": None, "bpm": None, "keyscale": None,
+                         "timesignature": None, "language": None, "is_instrumental": False}}  # fmt: skip
+    with (out / "reviews.jsonl").open("a") as handle:
+        handle.write(json.dumps(legacy) + "\n")
+    export_reviewed(out, "approved", ["acestep-dataset"])
+    assert (sample(out, "approved.wav")["caption"], sample(out, "approved.wav")["lyrics"]) == (
+        "Said by a person.", "[verse]\nla la")  # fmt: skip
+
+
+def test_a_save_changes_only_its_labels_in_the_dataset_files_and_two_tabs_cannot_undo_each_other(tmp_path):
+    songs, out = tmp_path / "songs", tmp_path / "labels"
+    songs.mkdir()
+    meta = {"bpm": 120, "bpm_confidence": 0.9, "keyscale": "C minor", "keyscale_confidence": 0.2,
+            "timesignature": 4, "timesignature_confidence": 0.1}  # fmt: skip
+    add_records(
+        out,
+        records_of(songs, "plain.wav", caption={"caption": "Plain."}, meta=meta)
+        + records_of(songs, "moved.wav", caption={"caption": "Moved."})
+        + records_of(songs, "broken.wav", caption={"caption": None, "error": "cannot decode: no audio"}),
+    )
+    records = latest_per_input(load_records(out))
+    export(records, {r["path"]: Path(Path(r["path"]).name) for r in records}, FORMATS, out, min_confidence=0.3)
+    dataset = json.loads((out / "dataset.json").read_text())  # the songs were moved since it was written
+    next(s for s in dataset["samples"] if s["filename"] == "moved.wav")["audio_path"] = "/old/place/moved.wav"
+    (out / "dataset.json").write_text(json.dumps(dataset))
+    ids = by_name(out)
+    with running(out) as url, httpx.Client(base_url=url) as client:
+        first, second = (client.get(f"/api/songs/{ids['plain.wav']}").json() for _ in range(2))  # two tabs
+        saved = client.post(f"/api/songs/{ids['plain.wav']}/review", json={
+            "fields": {"caption": "Plain, corrected."}, "version": first["version"]})  # fmt: skip
+        assert saved.status_code == 200 and saved.json()["following"] == ["dataset.csv", "dataset.json"]
+        stale = client.post(f"/api/songs/{ids['plain.wav']}/review", json={
+            "fields": {**second["fields"], "bpm": 100}, "version": second["version"]})  # fmt: skip
+        assert stale.status_code == 409 and "reload" in stale.json()["error"]
+        client.post(f"/api/songs/{ids['moved.wav']}/review", json={"fields": {"bpm": 88}})
+        client.post(f"/api/songs/{ids['plain.wav']}/review", json={"fields": {"timesignature": "", "bpm": ""}})
+        broken = client.post(f"/api/songs/{ids['broken.wav']}/review", json={
+            "fields": {"caption": "Heard in another player: a cello."}, "approved": True})  # fmt: skip
+        assert broken.status_code == 200
+    rows = {row["File"]: row for row in csv.DictReader((out / "dataset.csv").open())}
+    # The withheld key (confidence 0.2) stays withheld; only what the person changed moved.
+    assert rows["plain.wav"] == {"File": "plain.wav", "BPM": "", "Key": "", "Caption": "Plain, corrected."}
+    plain = sample(out, "plain.wav")
+    assert (plain["caption"], plain["bpm"], plain["keyscale"], plain["timesignature"]) == (
+        "Plain, corrected.", None, "", "")  # fmt: skip
+    assert sample(out, "moved.wav")["bpm"] == 88  # found by its name
+    sidecar = json.loads((songs / "plain.json").read_text())  # cleared: the trainer's keys stay, as unknown
+    assert (sidecar["bpm"], sidecar["timesignature"], sidecar["keyscale"]) == (None, "", "")
+    exported = export_reviewed(out, "approved", ["acestep-dataset"], tmp_path / "lora")[0]
+    assert exported and [
+        s["filename"] for s in json.loads((tmp_path / "lora" / "dataset.json").read_text())["samples"]
+    ] == ["broken.wav"]  # every task failed, yet a person labelled and approved it
+
+
+def test_a_name_that_is_not_utf8_is_shown_in_the_table_with_its_bytes_escaped(tmp_path):
+    songs = tmp_path / "songs"
+    name = os.fsdecode(b"caf\xe9.wav")
+    add_records(tmp_path / "labels", records_of(songs, name, caption={"caption": "A song."}))
+    with running(tmp_path / "labels") as url, httpx.Client(base_url=url) as client:
+        table = client.get("/api/songs")
+        assert table.status_code == 200 and table.json()["rows"][0]["path"] == "caf\\xe9.wav"
+        detail = client.get("/api/songs/0")
+        assert detail.status_code == 200 and detail.json()["file"].endswith("caf\\xe9.wav")
 
 
 def test_review_benchmark_runs_and_its_counts_and_arithmetic_hold(tmp_path):

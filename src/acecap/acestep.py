@@ -71,36 +71,39 @@ def _confident(record: dict, key: str, min_confidence: float):
 
 def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: dict[str, dict] | None = None,
                        min_confidence: float = 0.0) -> list[Song]:  # fmt: skip
-    """One Song per audio file with at least one successful record, fields from each task's record (meta values
-    below `min_confidence` left unknown), then from its latest review (`reviews`: record path → the fields a
-    person saved), which wins where the person changed a value."""
+    """One Song per audio file with a successful record or a person's labels, fields from each task's record
+    (meta values below `min_confidence` left unknown), then the labels a person set (`reviews`: record path →
+    its latest review's edits), which win. An edit equal to the machine's value is none: a withheld value
+    stays withheld."""
     songs: dict[str, Song] = {}
-    machine: dict[str, dict] = {}  # path → its meta record's values before the threshold
+    machine: dict[str, dict] = {}  # path → its labels before the threshold
     for record in records:
         if record.get("error") or record["path"] not in relative:
             continue
         song = songs.get(record["path"])
         if song is None:  # one Song (and Path) per file, not one per record
             song = songs[record["path"]] = Song(Path(record["path"]), relative[record["path"]])
+        labels = machine.setdefault(record["path"], {})
         song.duration = record.get("duration") or song.duration
         if record["task"] == "caption":
-            song.caption = record["caption"]
+            song.caption = labels["caption"] = record["caption"]
         elif record["task"] == "lyrics":
             song.lyrics, song.raw_lyrics = record["lyrics"], record.get("raw_lyrics")
             song.language, song.is_instrumental = record.get("language"), record.get("is_instrumental")
+            labels.update(lyrics=song.lyrics, language=song.language, is_instrumental=song.is_instrumental)
         elif record["task"] == "meta":
             song.bpm, song.keyscale = (_confident(record, key, min_confidence) for key in ("bpm", "keyscale"))
             beats = _confident(record, "timesignature", min_confidence)
             song.timesignature = str(beats) if beats is not None else None
             beats = record.get("timesignature")
-            machine[record["path"]] = {"bpm": record.get("bpm"), "keyscale": record.get("keyscale"),
-                                       "timesignature": str(beats) if beats is not None else None}  # fmt: skip
-    for path, fields in (reviews or {}).items():
-        if path in songs:
-            for key, value in fields.items():
-                # A review holds every label, changed or not: a machine value it left as it was stays withheld.
-                if getattr(songs[path], key) is None and value is not None and machine.get(path, {}).get(key) == value:
-                    continue
+            labels.update(bpm=record.get("bpm"), keyscale=record.get("keyscale"),
+                          timesignature=str(beats) if beats is not None else None)  # fmt: skip
+    for path, edited in (reviews or {}).items():
+        if path not in songs and path in relative and edited:  # every task failed, yet a person labelled it
+            songs[path] = Song(Path(path), relative[path])
+        labels = machine.get(path, {})
+        for key, value in edited.items() if path in songs else ():
+            if key not in labels or value != labels[key]:
                 setattr(songs[path], key, value)
     return list(songs.values())
 
@@ -262,13 +265,15 @@ def export(
     min_confidence: float = 0.0,
     records_before: list[dict] | None = None,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Write the ACE-Step `formats` for every song with a successful record (see songs_from_records: reviews
-    win, meta values below `min_confidence` are left unknown): the paths written, and (path, reason) for each
-    song or file that could not be (a read-only folder, a name too long), the rest going on. `records_before`:
-    the records before the run that made `records`; sidecar values acecap wrote from them are replaced."""
+    """Write the ACE-Step `formats` for every song with a successful record or a person's labels (see
+    songs_from_records: reviews win, meta values below `min_confidence` are left unknown): the paths written,
+    and (path, reason) for each song or file that could not be (a read-only folder, a name too long), the rest
+    going on. `records_before`: the records before the run that made `records`; sidecar values acecap wrote
+    from them are replaced."""
     songs = songs_from_records(records, relative, reviews, min_confidence)
     check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
-    before = {song.audio: song for song in songs_from_records(records_before or [], relative, reviews, min_confidence)}
+    # Before the threshold: a value an earlier run wrote under a lower --meta-min-confidence is acecap's too.
+    before = {song.audio: song for song in songs_from_records(records_before or [], relative, reviews)}
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
         for song in songs:

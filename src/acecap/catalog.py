@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .acestep import Song, songs_from_records
+from .inputs import shown
 from .records import latest_per_input, load_records
 from .reviews import FIELDS, audio_path, load_reviews
 
@@ -42,7 +43,7 @@ class Entry:
     flags: list[str]
     errors: dict[str, str]  # task → why it failed
     models: dict[str, str]  # task → the model (or analysis library) that wrote it
-    review: dict | None = None
+    review: dict | None = None  # its latest line of reviews.jsonl; its `edits` go over `machine`
 
     @property
     def audio(self) -> Path:
@@ -55,13 +56,18 @@ class Entry:
         return "approved" if self.review.get("approved") else "edited"
 
     @property
+    def edits(self) -> dict:
+        return self.review["edits"] if self.review else {}
+
+    @property
     def fields(self) -> dict:
-        """The labels as they stand: the person's where reviewed, else the machine's."""
-        return dict(self.review["fields"]) if self.review else dict(self.machine)
+        """The labels as they stand: the person's where they set one, else the machine's."""
+        return {**self.machine, **self.edits}
 
     def value(self, key: str):
         """One of `fields`, without copying them."""
-        return (self.review["fields"] if self.review else self.machine)[key]
+        edits = self.edits
+        return edits[key] if key in edits else self.machine[key]
 
     @property
     def min_confidence(self) -> float | None:
@@ -129,7 +135,7 @@ def _entries(records: list[dict]) -> list[Entry]:
             Entry(
                 id=index,
                 path=path,
-                shown=path[cut:],
+                shown=shown(path[cut:]),  # a name that is not UTF-8 as \xNN
                 duration=next((r["duration"] for r in group if r.get("duration")), None),
                 machine={key: getattr(song, key) if song else None for key in FIELDS},
                 confidence=confidence,

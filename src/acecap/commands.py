@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .inputs import shown
+
 log = logging.getLogger("acecap")
 
 
@@ -34,7 +36,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     from .job import ALL_TASKS, Job
     from .progress import summary_table
     from .records import latest_per_input, load_records, settled
-    from .reviews import reviewed_fields
+    from .reviews import reviewed_edits
 
     tasks = _tasks(args.tasks, ALL_TASKS)
     if args.sidecars_in and "acestep" not in args.format:
@@ -102,7 +104,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     formats = [f for f in args.format if f != "txt"]
     if formats:
         relative = {os.path.abspath(item.path): item.relative for item in items}
-        reviews = reviewed_fields(args.output_dir)  # a person's corrections (acecap review) win over the machine's
+        reviews = reviewed_edits(args.output_dir)  # a person's corrections (acecap review) win over the machine's
         with settled(args.output_dir) as records:  # shards finishing at once export one after the other
             written, failed = export(records, relative, formats, args.output_dir, args.sidecars_in, args.overwrite,
                                      reviews, args.meta_min_confidence, before)  # fmt: skip
@@ -163,11 +165,6 @@ def _decoding(args: argparse.Namespace):
 
 def say_error(message: str) -> None:
     print(f"acecap: error: {message}", file=sys.stderr)
-
-
-def shown(path) -> str:
-    """A path as any terminal takes it: bytes of its name that are not UTF-8 written as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _figures(result) -> str:

@@ -28,6 +28,11 @@ class Item:
     root: Path | None = None  # absolute; None: the file's own folder
 
 
+def shown(path) -> str:
+    """A path as any terminal (or JSON) takes it: bytes of its name that are not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read, with the reason."""
 

@@ -33,8 +33,9 @@ from starlette.exceptions import HTTPException
 
 from .audio import AudioError, load_audio
 from .catalog import FLAGS, PAGE_SIZES, SORTS, STATUSES, Catalog, Entry, Query
+from .inputs import shown
 from .reviews import DatasetFiles, append_review, changes, check_fields, write_sidecar_changes
-from .writers import atomic_write
+from .writers import atomic_write, to_json
 
 log = logging.getLogger("acecap")
 
@@ -87,15 +88,21 @@ def _row(entry: Entry) -> dict:
     }
 
 
+def version(entry: Entry) -> str:
+    """What a page sends back with a save, to show which review it was made over."""
+    return hashlib.sha1(to_json(entry.review).encode(errors="surrogateescape")).hexdigest()[:16]
+
+
 def _detail(entry: Entry) -> dict:
     """An entry as the file view shows it."""
     review = entry.review and {k: entry.review[k] for k in ("approved", "reviewed_at") if k in entry.review}
     return {
         "id": entry.id,
         "path": entry.shown,
-        "file": str(entry.audio),
+        "file": shown(entry.audio),
         "duration": entry.duration,
         "status": entry.status,
+        "version": version(entry),
         "fields": entry.fields,
         "machine": entry.machine,
         "review": review,
@@ -157,6 +164,11 @@ def render_image(path: Path, width: int = IMAGE_SIZE[0], height: int = IMAGE_SIZ
     return buffer.getvalue()
 
 
+class _JSON(JSONResponse):
+    def render(self, content) -> bytes:
+        return to_json(content).encode()  # a name that is not UTF-8 too (its bytes are lone surrogates)
+
+
 def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True) -> FastAPI:
     """The review app over `catalog`. `token`: required of every request (URL, cookie or bearer header);
     `loopback`: the server listens on a loopback address, so only requests addressed to one are answered."""
@@ -167,7 +179,8 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
         yield
         await asyncio.to_thread(dataset_files.close)  # what is still pending is written before the server ends
 
-    app = FastAPI(title="acecap review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="acecap review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  default_response_class=_JSON)  # fmt: skip
     app.state.dataset_files = dataset_files
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     saving = threading.Lock()  # one save at a time: the review line, the index and the sidecars agree
@@ -244,19 +257,24 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
         if not isinstance(body, dict) or not isinstance(body.get("approved", False), bool):
             raise HTTPException(400, 'send {"fields": {...}, "approved": true|false}')
         with saving:
+            # Two tabs on one file: the later save, made from what it loaded, would silently undo the earlier.
+            if body.get("version", version(entry)) != version(entry):
+                raise HTTPException(409, "this file was saved elsewhere (another tab?) since this page loaded: "
+                                         "reload it to see those labels; yours are not saved")  # fmt: skip
             before = entry.fields
             try:
                 fields = check_fields(body.get("fields", {}), before)
             except ValueError as error:
                 raise HTTPException(422, str(error)) from None
-            catalog.update(entry_id, append_review(catalog.folder, entry.path, fields, body.get("approved", False)))
+            edited = changes(fields, entry.machine)
+            catalog.update(entry_id, append_review(catalog.folder, entry.path, edited, body.get("approved", False)))
             changed = changes(fields, before)
             warnings = []
             try:
                 written = write_sidecar_changes(entry.song(), changed)
             except OSError as error:  # the review itself is saved; say what could not follow it
                 written, warnings = [], [f"the sidecars were not updated: {error}"]
-            following = dataset_files.add(entry.song())
+            following = dataset_files.add(entry.song(), changed)
         return {**_detail(entry), "written": [str(p) for p in written], "following": following, "warnings": warnings}
 
     @app.get("/api/songs/{entry_id}/audio")

@@ -1,10 +1,12 @@
 """Reviews: the labels a person checked and corrected, kept beside the machine's records.
 
 `OUT/reviews.jsonl` is append-only, one line per save: the record path, whether the labels were approved,
-and every reviewed field as the person left it. The latest line per file wins and annotations.jsonl is
-never touched. A save also goes into the ACE-Step files that already exist for the song (its sidecars at
-once, OUT/dataset.csv and OUT/dataset.json in the background), and `annotate -f ...` applies reviews over
-records, so a re-run of annotate keeps every edit.
+and the labels the person set to something other than the machine's value (`edits`; None: cleared). The
+latest line per file wins and annotations.jsonl is never touched. A label the person left as it was follows
+the machine, so what a later run redoes (a longer caption, a new task) still reaches the dataset. A save also
+goes into the ACE-Step files that already exist for the song (its sidecars at once, OUT/dataset.csv and
+OUT/dataset.json in the background), and `annotate -f ...` applies reviews over records, so a re-run of
+annotate keeps every edit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .acestep import CSV_HEADER, Song, csv_row, dataset_sample, export, write_sidecars
+from .acestep import CSV_HEADER, UNKNOWN, Song, csv_row, dataset_sample, export, write_sidecars
+from .inputs import shown
 from .lyrics import INSTRUMENTAL
 from .records import RecordPaths, _read, latest_per_input, load_records
 from .writers import append_lines, atomic_write, to_json
@@ -34,9 +37,6 @@ TEXT_LIMIT = 20_000  # characters: far above a caption (256 tokens in training) 
 KEYSCALE = re.compile(r"^([a-g])([#b♯♭]?)\s*(major|minor|maj|min)$", re.IGNORECASE)
 TIMESIGNATURE = re.compile(r"^([1-9]|1[0-6])(/(1|2|4|8|16))?$")
 LANGUAGE = re.compile(r"^([a-z]{2,3}(-[a-z0-9]{2,8})?|unknown)$")
-# The dataset JSON keys a review decides; the rest of a sample (id, genre, custom_tag, ...) is left alone.
-SAMPLE_KEYS = ("caption", "lyrics", "formatted_lyrics", "bpm", "keyscale", "timesignature", "language",
-               "is_instrumental", "labeled")  # fmt: skip
 
 
 def audio_path(record: dict) -> Path:
@@ -51,17 +51,20 @@ def load_reviews(folder: Path) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     for number, review in enumerate(_read(path) if path.is_file() else [], 1):
         if not (isinstance(review, dict) and isinstance(review.get("path"), str)
-                and isinstance(review.get("fields"), dict)):  # fmt: skip
-            log.warning("%s: review %d is not {path, approved, fields}; skipped", path, number)
+                and isinstance(review.get("edits", review.get("fields")), dict)):  # fmt: skip
+            log.warning("%s: review %d is not {path, approved, edits}; skipped", path, number)
             continue
+        if "edits" not in review:  # written before 2026-11-29: all seven labels; an empty one was mostly a task not
+            fields = review.pop("fields")  # run yet, an unticked 'instrumental' the box's default
+            review["edits"] = {key: value for key, value in fields.items() if value not in (None, False)}
         review = paths.from_disk(review, path)
         latest[review["path"]] = review
     return latest
 
 
-def reviewed_fields(folder: Path) -> dict[str, dict]:
-    """Record path → the fields its latest review holds: what ACE-Step exports put over the records."""
-    return {path: review["fields"] for path, review in load_reviews(folder).items()}
+def reviewed_edits(folder: Path) -> dict[str, dict]:
+    """Record path → the labels its latest review set: what ACE-Step exports put over the records."""
+    return {path: review["edits"] for path, review in load_reviews(folder).items()}
 
 
 def _text(key: str, value) -> str | None:
@@ -137,18 +140,25 @@ def check_fields(given: dict, current: dict) -> dict:
     return fields
 
 
+def _plain(key: str, value):
+    """A label as check_fields writes it: text stripped, an unticked 'instrumental' the same as not known."""
+    if key == "is_instrumental":
+        return bool(value)
+    return value.strip() or None if isinstance(value, str) else value
+
+
 def changes(fields: dict, before: dict) -> dict:
-    """The fields whose value differs from `before` (text compared as check_fields writes it: stripped)."""
-    plain = {key: value.strip() or None if isinstance(value, str) else value for key, value in before.items()}
-    return {key: value for key, value in fields.items() if value != plain.get(key)}
+    """The fields whose value differs from `before` (both as check_fields writes them)."""
+    return {key: value for key, value in fields.items() if _plain(key, value) != _plain(key, before.get(key))}
 
 
-def append_review(folder: Path, path: str, fields: dict, approved: bool) -> dict:
-    """Add one review line (whole, flushed to disk) and return it."""
+def append_review(folder: Path, path: str, edited: dict, approved: bool) -> dict:
+    """Add one review line (whole, flushed to disk) and return it. `edited`: the labels the person set to
+    something other than the machine's value."""
     review = {
         "path": path,
         "approved": approved,
-        "fields": {key: fields[key] for key in FIELDS},
+        "edits": {key: edited[key] for key in FIELDS if key in edited},
         "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     append_lines(Path(folder) / REVIEWS, [to_json(RecordPaths.of(folder).to_disk(review))])  # path as records store it
@@ -176,15 +186,26 @@ def write_sidecar_changes(song: Song, changed: dict) -> list[Path]:
             data = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return written  # write_sidecars has warned about it
-        if isinstance(data, dict) and any(key in data for key in cleared):
-            kept = {key: value for key, value in data.items() if key not in cleared}
+        if not isinstance(data, dict):
+            return written
+        # A cleared key the trainer reads takes its 'not known' value; the others leave.
+        kept = {key: UNKNOWN[key] if key in cleared else value for key, value in data.items()
+                if key not in cleared or key in UNKNOWN}  # fmt: skip
+        if kept != data:
             atomic_write(sidecar, to_json(kept, indent=2) + "\n")
             written.append(sidecar)
     return written
 
 
-def _update_csv(path: Path, songs: list[Song]) -> None:
-    """The songs' rows of an existing dataset.csv, replaced; a name the table holds twice is left alone."""
+CSV_COLUMNS = {"bpm": 1, "keyscale": 2, "caption": 3}  # the labels dataset.csv holds, by column
+SAMPLE_KEYS = {"caption": ("caption", "labeled"), "lyrics": ("lyrics", "formatted_lyrics", "is_instrumental"),
+               "is_instrumental": ("is_instrumental",), "bpm": ("bpm",), "keyscale": ("keyscale",),
+               "timesignature": ("timesignature",), "language": ("language",)}  # fmt: skip
+
+
+def _update_csv(path: Path, saves: list[tuple[Song, dict]]) -> None:
+    """The changed cells of the songs' rows in an existing dataset.csv (the others stay as annotate wrote them,
+    under its --meta-min-confidence); a name the table holds twice is left alone."""
     rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
     if not rows or rows[0] != CSV_HEADER:
         log.warning("%s: not a File, BPM, Key, Caption table; not changed", path)
@@ -193,30 +214,42 @@ def _update_csv(path: Path, songs: list[Song]) -> None:
     for index, row in enumerate(rows[1:], 1):
         if row:
             where.setdefault(row[0], []).append(index)
-    for song in songs:
-        row = csv_row(song)
-        found = where.get(row[0], [])
+    for song, changed in saves:
+        new = csv_row(song)
+        found = where.get(new[0], [])
         if len(found) > 1:
-            log.warning("%s: %d rows name %s; not changed (edit it by hand)", path, len(found), row[0])
+            log.warning("%s: %d rows name %s; not changed (edit it by hand)", path, len(found), new[0])
         elif found:
-            rows[found[0]] = [str(value) for value in row]
+            row = rows[found[0]] + [""] * (len(CSV_HEADER) - len(rows[found[0]]))
+            for key in changed.keys() & CSV_COLUMNS.keys():
+                row[CSV_COLUMNS[key]] = str(new[CSV_COLUMNS[key]])
+            rows[found[0]] = row
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     atomic_write(path, buffer.getvalue())
 
 
-def _update_dataset(path: Path, songs: list[Song]) -> None:
-    """The songs' samples in an existing dataset JSON, their reviewed keys replaced."""
+def _update_dataset(path: Path, saves: list[tuple[Song, dict]]) -> None:
+    """The changed keys of the songs' samples in an existing dataset JSON, found by path, or else by a file name
+    that only one sample has (the songs were moved since)."""
     try:
         dataset = json.loads(path.read_text(encoding="utf-8"))
         samples = dataset["samples"]
+        by_path = {sample["audio_path"]: sample for sample in samples}
+        by_name: dict[str, list[dict]] = {}
+        for sample in samples:
+            by_name.setdefault(sample["filename"], []).append(sample)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         log.warning("%s: not an ACE-Step dataset file; not changed", path)
         return
-    new = {str(song.audio): dataset_sample(song, 0) for song in songs}
-    for sample in samples:
-        if sample.get("audio_path") in new:
-            sample.update({key: new[sample["audio_path"]][key] for key in SAMPLE_KEYS})
+    for song, changed in saves:
+        named = by_name.get(song.audio.name, [])
+        sample = by_path.get(str(song.audio)) or (named[0] if len(named) == 1 else None)
+        if sample is None:
+            log.warning("%s: no sample is %s; not changed", path, shown(song.audio))
+            continue
+        new = dataset_sample(song, 0)
+        sample.update({key: new[key] for field in changed for key in SAMPLE_KEYS[field]})
     dataset.setdefault("metadata", {})["all_instrumental"] = all(s.get("is_instrumental") for s in samples)
     atomic_write(path, to_json(dataset, indent=2) + "\n")
 
@@ -230,18 +263,20 @@ class DatasetFiles:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._pending: dict[str, Song] = {}
+        self._pending: dict[str, tuple[Song, dict]] = {}  # audio path → the song, and the labels saves changed
         self._busy = self._closed = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="acecap-dataset-files", daemon=True)
         self._thread.start()
 
-    def add(self, song: Song) -> list[str]:
-        """Queue the song's new values; the names of the files they will go into."""
-        names = [name for name, _ in self.NAMES if (self.folder / name).is_file()]
+    def add(self, song: Song, changed: dict) -> list[str]:
+        """Queue the song's `changed` labels (its other values as they stand); the names of the files they will
+        go into."""
+        names = [name for name, _ in self.NAMES if (self.folder / name).is_file()] if changed else []
         if names:
             with self._changed:
-                self._pending[str(song.audio)] = song
+                earlier = self._pending.get(str(song.audio), (song, {}))[1]
+                self._pending[str(song.audio)] = (song, {**earlier, **changed})
                 self._changed.notify_all()
         return names
 
@@ -262,11 +297,11 @@ class DatasetFiles:
                 self._changed.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return
-                songs, self._pending, self._busy = list(self._pending.values()), {}, True
+                saves, self._pending, self._busy = list(self._pending.values()), {}, True
             try:
                 for name, update in self.NAMES:
                     if (self.folder / name).is_file():
-                        update(self.folder / name, songs)
+                        update(self.folder / name, saves)
             except (OSError, ValueError) as error:  # the reviews themselves are saved; annotate -f rewrites these
                 log.warning("%s: could not update the dataset files: %s", self.folder, error)
             finally:
@@ -296,5 +331,5 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
         if not records:
             raise ValueError(f"no song of {folder} is approved yet: approve some in `acecap review {folder}` first")
     relative = {r["path"]: Path(audio_path(r).name) for r in records}
-    fields = {path: review["fields"] for path, review in reviews.items()}
-    return export(records, relative, formats, Path(output_dir or folder), reviews=fields, min_confidence=min_confidence)
+    edited = {path: review["edits"] for path, review in reviews.items()}
+    return export(records, relative, formats, Path(output_dir or folder), reviews=edited, min_confidence=min_confidence)

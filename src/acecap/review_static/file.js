@@ -99,7 +99,7 @@ async function save(approved) {
     const answer = await api(`/api/songs/${id}/review`, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ fields: values(), approved }),
+      body: JSON.stringify({ fields: values(), approved, version: song.version }),
     });
     const next = song.view.next;
     fill(answer);
