@@ -57,6 +57,17 @@ def test_identical_sides_agree_exactly(tiny_model):
 
 
 @pytest.mark.slow
+def test_layer_verdicts_are_the_same_whichever_side_is_the_reference(tiny_model):
+    clips = builtin_suite()[:1]
+    fp32, bf16 = Side("cpu", "fp32"), Side("cpu", "bf16")
+    verdicts = []
+    for reference, candidate in ((fp32, bf16), (bf16, fp32)):
+        [result], _ = compare(tiny_model, reference, candidate, clips, Decoding(max_new_tokens=4))
+        verdicts.append([layer["verdict"] for layer in result["layers"]])
+    assert verdicts[0] == verdicts[1] and "pass" in verdicts[0]  # bf16's error is judged relative either way
+
+
+@pytest.mark.slow
 def test_fp32_against_bf16_report_follows_from_its_dump(tiny_model, tmp_path):
     out = tmp_path / "precision"
     done = run_acecap("compare", "--model", str(tiny_model), "--ref", "cpu:fp32", "--cand", "cpu:bf16",
@@ -119,7 +130,7 @@ def test_two_saved_runs_compare_by_text(tiny_model, audio_dir, tmp_path):
         assert generation["word_similarity"] == word_similarity(texts[source], others[source])
         [semantic] = semantic_similarities([(texts[source], others[source])])
         assert generation["semantic_similarity"] == pytest.approx(semantic, abs=1e-6)
-    assert "files captioned identically" in done.stderr
+    assert "texts identical" in done.stderr
     mismatched = run_acecap("compare", str(reference), "-o", str(out))
     assert mismatched.returncode == 2 and "exactly two result files" in mismatched.stderr
 
@@ -143,7 +154,7 @@ def test_two_annotate_runs_compare_by_text(tiny_model, tmp_path):
     done = run_acecap("compare", str(tmp_path / "laptop" / ANNOTATIONS), str(tmp_path / "server" / ANNOTATIONS),
                       "-o", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"report: {out / 'report.md'}" in done.stderr and "files captioned identically" in done.stderr
+    assert f"report: {out / 'report.md'}" in done.stderr and "texts identical" in done.stderr
     assert done.stdout == ""  # the report is a file, not a page of output
     document = json.loads((out / "precision_results.json").read_text())
     names = [clip["clip"] for clip in document["clips"]]
@@ -160,6 +171,48 @@ def test_two_annotate_runs_compare_by_text(tiny_model, tmp_path):
         record = laptop[(name, task.rstrip(")"))]
         expected = record["caption"] if record["task"] == "caption" else record["raw_lyrics"]
         assert clip["generation"]["reference_text"] == expected
+
+
+def test_saved_runs_pair_each_file_with_itself_and_say_what_one_run_failed_or_lacks(tmp_path):
+    """Records written by hand as annotate writes them, on two machines with other folders: a file of one name
+    in two folders, failures on either side, a meta record (no model wrote it), a file only one run has."""
+
+    def run(root: str, texts: dict[tuple[str, str], str | None]) -> list[dict]:
+        records = [{"path": f"{root}/{name}", "task": task, task: text, "error": None if text else "cannot decode"}
+                   for (name, task), text in texts.items()]  # fmt: skip
+        return records + [{"path": f"{root}/d.wav", "task": "meta", "meta": "120 BPM, D minor, 4/4", "error": None}]
+
+    laptop = run("/home/me/songs", {("a/song.wav", "caption"): "A caption", ("b/song.wav", "caption"): None,
+                                    ("c.wav", "caption"): "Same.", ("d.wav", "caption"): "Reference words.",
+                                    ("a/song.wav", "lyrics"): "[verse] la"})  # fmt: skip
+    server = run(
+        "/data/x/songs",
+        {
+            ("a/song.wav", "caption"): None,
+            ("b/song.wav", "caption"): "B caption",
+            ("c.wav", "caption"): "Same.",
+            ("d.wav", "caption"): "Other words.",
+            ("a/song.wav", "lyrics"): "[verse] la",
+            ("e.wav", "caption"): "Only here.",
+        },
+    )
+    for name, records in (("laptop.jsonl", laptop), ("server.jsonl", server)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report"
+    done = run_acecap("compare", str(tmp_path / "laptop.jsonl"), str(tmp_path / "server.jsonl"), "-o", str(out))
+    assert done.returncode == 1, done.stderr  # the candidate failed a file the reference captioned
+    document = json.loads((out / "precision_results.json").read_text())
+    compared = {c["clip"]: (c["generation"]["reference_text"], c["generation"]["candidate_text"])
+                for c in document["clips"]}  # fmt: skip
+    assert compared == {"c.wav (caption)": ("Same.", "Same."), "d.wav (caption)": ("Reference words.", "Other words."),
+                        "a/song.wav (lyrics)": ("[verse] la", "[verse] la")}  # fmt: skip
+    assert {m["clip"]: (m["reference_error"], m["candidate_error"]) for m in document["not_compared"]} == {
+        "a/song.wav (caption)": (None, "cannot decode"),
+        "b/song.wav (caption)": ("cannot decode", None),
+        "e.wav (caption)": ("not in this run", None),
+    }
+    assert "2/3 texts identical" in done.stderr and "3 not compared (1 failed in the candidate only)" in done.stderr
+    assert "| a/song.wav (caption) | ok | cannot decode |" in (out / "report.md").read_text()
 
 
 def test_default_sides_never_compare_a_side_with_itself():

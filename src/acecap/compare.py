@@ -31,6 +31,7 @@ from .fidelity import (
 from .generate import Decoding
 from .hub import resolve_model
 from .model import TASKS, resident_bytes
+from .precision_report import ABSENT
 from .quant import QUANTS
 from .waves import generate_prompts
 
@@ -184,8 +185,9 @@ def clip_metrics(reference: SideRun, candidate: SideRun, half_precision: bool) -
             "candidate_token_in_reference_top5": cand[step] in ref_top5,
             "reference_token_in_candidate_top5": ref[step] in cand_top5,
         }
-    elif step is not None:
-        divergence = {"step": step, "reference_token": None, "candidate_token": None}
+    elif step is not None:  # one side stopped here; the other's next token
+        divergence = {"step": step, "reference_token": ref[step] if step < len(ref) else None,
+                      "candidate_token": cand[step] if step < len(cand) else None}  # fmt: skip
     forced = teacher_forced(reference.logits, candidate.logits, ref)
     layers = [layer_fidelity(name, reference.layers[name], candidate.layers[name], half_precision)
               for name in reference.layers]  # fmt: skip
@@ -224,12 +226,12 @@ def compare(model, reference: Side, candidate: Side, clips: list[Clip], decoding
     """Both sides over the clips, one loaded at a time: each clip's metrics, and the runs themselves."""
     captioner = _load(model, reference, task, hub)
     references = {clip.source: run_side(captioner, clip, decoding, None) for clip in clips}
-    device = captioner.device
+    device, half = captioner.device, captioner.dtype in (torch.bfloat16, torch.float16)
     del captioner
     gc.collect()
     devices.empty_cache(device)  # the candidate may load onto the same card
     captioner = _load(model, candidate, task, hub)
-    half = captioner.dtype in (torch.bfloat16, torch.float16)
+    half |= captioner.dtype in (torch.bfloat16, torch.float16)  # either side: a verdict the same both ways round
     runs, results = {}, []
     for clip in clips:
         ref = references[clip.source]
@@ -291,21 +293,20 @@ def unique_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def read_results(path: Path) -> dict[str, dict]:
-    """Records of a caption or annotate run (a .json record or list, or .jsonl), by file name and task.
-
-    Runs made on other machines hold other folders, so records pair up by file name (with as many
-    of its folders as it takes to tell two files of one name apart).
-    """
+def read_results(path: Path) -> list[dict]:
+    """The model's records of a caption or annotate run (a .json record or list, or .jsonl), the last per file
+    and task; meta records (the signal's analysis, no model) are left out."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         loaded = json.loads(text)
         records = loaded if isinstance(loaded, list) else [loaded]
-    usable = [r for r in records if isinstance(r, dict) and r.get("error") is None and record_text(r) is not None]
-    names = unique_names([_file_of(r) for r in usable])
-    return {f"{names[_file_of(r)]} ({r.get('task', 'caption')})": r for r in usable}
+    latest = {}
+    for record in records:
+        if isinstance(record, dict) and record.get("task", "caption") != "meta":
+            latest[(_file_of(record), record.get("task", "caption"))] = record
+    return list(latest.values())
 
 
 def _file_of(record: dict) -> str:
@@ -315,14 +316,75 @@ def _file_of(record: dict) -> str:
     return str(record.get("path") or record["source"])
 
 
-def compare_results(reference: Path, candidate: Path) -> list[dict]:
-    """Text-level metrics for every file both runs captioned (saved runs hold text, not tokens or logits)."""
-    ref, cand = read_results(reference), read_results(candidate)
-    shared = [name for name in ref if name in cand]
-    if not shared:
-        raise ValueError(f"{reference} and {candidate} share no captioned file (records pair up by file name)")
-    results = [
-        {"clip": name, "generation": text_metrics(record_text(ref[name]), record_text(cand[name]))} for name in shared
-    ]
+def _common_tail(a: str, b: str) -> int:
+    """How many trailing path parts (the file name first) two paths share."""
+    count = 0
+    for x, y in zip(reversed(Path(a).parts), reversed(Path(b).parts), strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def _key(record: dict) -> tuple[str, str]:
+    return Path(_file_of(record)).name, record.get("task", "caption")
+
+
+Pairs = list[tuple[dict, dict]]
+
+
+def pair_records(reference: list[dict], candidate: list[dict]) -> tuple[Pairs, list[dict], list[dict]]:
+    """Records of the same file and task in two runs, made on machines that may hold other folders: paired by
+    file name, a name shared by several files told apart by the most trailing folders each pair shares (and
+    left unpaired where that is a tie). (pairs, the reference's unpaired, the candidate's unpaired)."""
+    groups: dict[tuple[str, str], tuple[list[dict], list[dict]]] = {}
+    for side, records in enumerate((reference, candidate)):
+        for record in records:
+            groups.setdefault(_key(record), ([], []))[side].append(record)
+
+    def best(record: dict, others: list[dict]) -> dict | None:
+        scores = sorted((_common_tail(_file_of(record), _file_of(other)), i) for i, other in enumerate(others))
+        if not scores or (len(scores) > 1 and scores[-1][0] == scores[-2][0]):
+            return None
+        return others[scores[-1][1]]
+
+    pairs = []
+    for refs, cands in groups.values():
+        for ref in refs:
+            cand = best(ref, cands)
+            if cand is not None and best(cand, refs) is ref:
+                pairs.append((ref, cand))
+    paired = {id(r) for pair in pairs for r in pair}
+    return pairs, [r for r in reference if id(r) not in paired], [r for r in candidate if id(r) not in paired]
+
+
+def compare_results(reference: Path, candidate: Path) -> tuple[list[dict], list[dict]]:
+    """Text-level metrics for every file and task both runs wrote a text for (saved runs hold text, not tokens
+    or logits), and what could not be compared: each text one run failed on or does not have, with why."""
+    ref_records, cand_records = read_results(reference), read_results(candidate)
+    pairs, only_ref, only_cand = pair_records(ref_records, cand_records)
+    names = unique_names([_file_of(r) for r in ref_records])
+    names.update({path: name for path, name in unique_names([_file_of(r) for r in cand_records]).items()
+                  if path not in names})  # fmt: skip
+
+    def label(record: dict) -> str:
+        return f"{names[_file_of(record)]} ({record.get('task', 'caption')})"
+
+    def failure(record: dict) -> str | None:
+        if record.get("error") is not None:
+            return str(record["error"])
+        return None if record_text(record) is not None else "no text"
+
+    results, missing = [], []
+    for ref, cand in pairs:
+        if failure(ref) is None and failure(cand) is None:
+            results.append({"clip": label(ref), "generation": text_metrics(record_text(ref), record_text(cand))})
+        else:
+            missing.append({"clip": label(ref), "reference_error": failure(ref), "candidate_error": failure(cand)})
+    missing += [{"clip": label(r), "reference_error": failure(r), "candidate_error": ABSENT} for r in only_ref]
+    missing += [{"clip": label(r), "reference_error": ABSENT, "candidate_error": failure(r)} for r in only_cand]
+    if not results:
+        raise ValueError(f"{reference} and {candidate} share no file both wrote a text for (records pair up by "
+                         "file name)")  # fmt: skip
     add_semantic(results)
-    return results
+    return results, missing

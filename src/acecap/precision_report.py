@@ -8,6 +8,8 @@ import numpy as np
 
 from .writers import atomic_write, to_json
 
+ABSENT = "not in this run"  # a saved run's reason for a text it does not have
+
 VERDICTS = ("pass", "warn", "fail")
 
 
@@ -121,15 +123,19 @@ def _plots(results: list[dict], output_dir: Path) -> None:
     pyplot.close(figure)
 
 
-def write_text_report(results: list[dict], reference: Path, candidate: Path, output_dir: Path) -> str:
-    """The same files for two saved runs: texts only, so no verdict beyond how many match."""
+def write_text_report(results: list[dict], missing: list[dict], reference: Path, candidate: Path,
+                      output_dir: Path) -> str:  # fmt: skip
+    """Two saved runs: texts only, so no verdict beyond how many match, and which texts one run lacks."""
     output_dir.mkdir(parents=True, exist_ok=True)
     identical = sum(r["generation"]["exact_match"] for r in results)
     mean = sum(r["generation"]["character_similarity"] for r in results) / len(results)
-    line = (f"{identical}/{len(results)} files captioned identically ({candidate} against {reference}); "
+    line = (f"{identical}/{len(results)} texts identical ({candidate} against {reference}); "
             f"mean character similarity {mean:.3f}")  # fmt: skip
+    failed = sum(m["reference_error"] is None and m["candidate_error"] != ABSENT for m in missing)
+    if missing:
+        line += f"; {len(missing)} not compared ({failed} failed in the candidate only)"
     document = {"schema": 1, "reference": str(reference), "candidate": str(candidate), "verdict": None,
-                "summary": line, "clips": results}  # fmt: skip
+                "summary": line, "clips": results, "not_compared": missing}  # fmt: skip
     atomic_write(output_dir / "precision_results.json", to_json(document, indent=2) + "\n")  # any file name
     rows = [f"# Precision: {line}", "", "Saved runs hold texts, not tokens or logits: text-level metrics only.", "",
             "| file | identical | character similarity | word similarity | semantic similarity |",
@@ -138,6 +144,9 @@ def write_text_report(results: list[dict], reference: Path, candidate: Path, out
         g = r["generation"]
         similarity = f"{g['character_similarity']:.3f} | {g['word_similarity']:.3f} | {_semantic(g)}"
         rows.append(f"| {r['clip']} | {g['exact_match']} | {similarity} |")
+    if missing:
+        rows += ["", "## Not compared", "", "| file | reference | candidate |", "| --- | --- | --- |"]
+        rows += [f"| {m['clip']} | {m['reference_error'] or 'ok'} | {m['candidate_error'] or 'ok'} |" for m in missing]
     rows += _captions(results)
     atomic_write(output_dir / "report.md", _readable("\n".join(rows) + "\n"))
     return line
