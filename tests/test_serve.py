@@ -21,6 +21,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from conftest import run_acecap
 
 from acecap import Captioner, Decoding
 from acecap.audio import Clip, decode_audio
@@ -160,10 +161,20 @@ def test_api_key_is_required_on_v1_but_not_on_health(server):
         (body(audio_part(wav_of(1, 44100))), 400, "no samples at all at 16000 Hz"),  # no sample left at 16 kHz
         (body(audio_part(wav_of(100, 16000))), 400, "the model needs at least 321"),  # makes no audio token
         (body(url_part("https://exa mple.com/a.wav")), 403, "remote URLs are off"),  # asked, not checked: off
+        # OpenAI settings acecap does not implement are refused, not silently ignored.
+        (body(audio_part(wav_bytes()), stop=["\n"]), 400, "stop is not supported"),
+        (body(audio_part(wav_bytes()), logprobs=True), 400, "logprobs is not supported"),
+        (body(audio_part(wav_bytes()), presence_penalty=0.5), 400, "presence_penalty is not supported"),
     ],
 )
 def test_every_bad_request_gets_its_status_and_a_reason(server, payload, status, words):
     refused(post(server, payload), status, words)
+
+
+def test_neutral_openai_settings_and_a_lowercase_bearer_are_taken(server):
+    neutral = body(audio_part(wav_bytes()), max_tokens=2, stop=None, logprobs=False, presence_penalty=0, user="me")
+    answer = httpx.post(f"{server}/v1/chat/completions", json=neutral, headers={"authorization": "bearer secret"})
+    assert answer.status_code == 200, answer.text
 
 
 def test_a_data_url_is_audio_too(server):
@@ -268,6 +279,70 @@ def test_a_full_queue_answers_503_with_retry_after(captioner):
 def test_a_request_past_its_timeout_gets_504(captioner):
     with running(captioner, ServeConfig(timeout_s=0.5, max_new_tokens=500)) as url:
         refused(post(url, body(audio_part(wav_bytes()), **LONG)), 504, "timed out")
+
+
+def test_a_body_sent_too_slowly_gets_504_within_the_timeout(captioner):
+    import socket
+
+    with running(captioner, ServeConfig(timeout_s=1.0)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")  # fmt: skip
+            started = time.monotonic()
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 504") and time.monotonic() - started < 5
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_acecap("serve", "--model", str(tmp_path / "never-loaded"), "--device", "cpu", "--port", str(port))
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+def test_settings_that_would_refuse_every_request_are_refused_at_start():
+    for settings, words in (({"max_batch_size": 0}, "--max-batch-size must be at least 1"),
+                            ({"timeout_s": 0}, "--timeout must be above 0"),
+                            ({"max_body_mb": -1}, "--max-body-mb must be above 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            ServeConfig(**settings)
+
+
+def test_a_stream_its_client_leaves_is_counted(captioner):
+    with running(captioner, ServeConfig(max_new_tokens=500)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(audio_part(wav_bytes()), stream=True,
+                          **LONG), timeout=60) as response:  # fmt: skip
+            next(response.iter_lines())  # the role chunk: then the client leaves
+        deadline = time.monotonic() + 30
+        while 'acecap_requests_total{status="499"} 1.0' not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the abandoned stream was never counted"
+            time.sleep(0.05)
+
+
+def test_sampling_differs_unseeded_and_a_seeded_request_gets_its_own_answer_whatever_it_shares_a_batch_with(
+    captioner,
+):
+    from acecap.batching import Batcher, Request
+
+    clip = decode_audio(wav_bytes(1.0))
+    unseeded = Decoding(max_new_tokens=8, temperature=1.0)
+    assert captioner.caption(clip, unseeded).text != captioner.caption(clip, unseeded).text
+    seeded = Decoding(max_new_tokens=8, temperature=1.0, seed=1234)
+    alone = captioner.caption(clip, seeded).text
+    sizes, answers = [], {}
+    batcher = Batcher(captioner, max_batch=8, max_wait_s=0.5, max_queue=8, max_duration=300,
+                      on_batch=lambda size, seconds: sizes.append(size))  # fmt: skip
+    for n, decoding in enumerate([seeded, seeded, unseeded, unseeded, Decoding(max_new_tokens=8)]):
+        batcher.submit(Request(clip, PROMPT, decoding, answer=lambda result, n=n: answers.update({n: result.text})))
+    batcher.start()
+    batcher.stop()
+    assert answers[0] == answers[1] == alone
+    assert sorted(sizes) == [1, 1, 1, 2]  # each seeded one alone; the unseeded pair together; greedy apart
 
 
 def test_200_concurrent_requests_are_each_answered_once_and_batched(captioner):

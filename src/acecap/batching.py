@@ -144,7 +144,7 @@ class Batcher:
 
     When the device is idle the first request waits up to `max_wait_s` for company; while the device is
     busy requests pile up and the next batch takes them at once. Requests with different decoding settings
-    run in separate batches, cut by `batches` to what the device's memory holds.
+    run in separate batches, cut by `batches` to what the device's memory holds; a seeded sample alone.
     """
 
     def __init__(
@@ -222,10 +222,12 @@ class Batcher:
                     request.answer(f"{type(error).__name__}: {error}")
 
     def _run_batch(self, requests: list[Request]) -> None:
-        by_decoding: dict[Decoding, list[Request]] = {}
+        by_decoding: dict[tuple[Decoding, int | None], list[Request]] = {}
         for request in requests:
-            by_decoding.setdefault(request.decoding, []).append(request)
-        for decoding, group in by_decoding.items():
+            # A seeded sample runs alone: in a shared batch its draws would depend on its neighbours.
+            seeded = request.decoding.temperature > 0 and request.decoding.seed is not None
+            by_decoding.setdefault((request.decoding, id(request) if seeded else None), []).append(request)
+        for (decoding, _), group in by_decoding.items():
             by_clip = {id(r.clip): r for r in group}
             limits = batch_limits(self.captioner, decoding, self.max_batch)
             for clips in batches([r.clip for r in group], self.max_duration, limits):

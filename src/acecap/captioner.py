@@ -28,6 +28,7 @@ log = logging.getLogger("acecap")
 
 DEFAULT_MAX_DURATION = 300.0  # seconds: what the model's feature extractor was built for
 AUDIO_TOKENS_PER_SECOND = 25
+CHAT_CACHE = 256  # prompts whose token ids are kept (the oldest goes first)
 Key = TypeVar("Key")
 
 
@@ -340,6 +341,8 @@ class Captioner:
             if ids.count(self.audio_id) != 1:  # a prompt naming <|AUDIO|> itself would read a placeholder as text
                 raise ValueError("the prompt must not contain the audio placeholder <|AUDIO|>")
             at = ids.index(self.audio_id)
+            if len(self._chat_ids) >= CHAT_CACHE:  # a server's callers may send a new prompt every time
+                del self._chat_ids[next(iter(self._chat_ids))]
             self._chat_ids[text] = (ids[:at], ids[at + 1 :])
         return self._chat_ids[text]
 

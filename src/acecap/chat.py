@@ -113,6 +113,13 @@ def _parts(messages) -> tuple[list[str], list[dict]]:
     return texts, audio
 
 
+# OpenAI settings that would change the answer and that acecap does not implement: refused unless neutral,
+# rather than ignored (others, such as user or metadata, change nothing and are ignored).
+NOT_IMPLEMENTED = {"stop": (None, "", []), "logprobs": (None, False), "top_logprobs": (None, 0),
+                   "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+                   "tools": (None, []), "response_format": (None, {"type": "text"})}  # fmt: skip
+
+
 def parse_chat(body, max_new_tokens: int) -> ChatRequest:
     """Check a decoded JSON body; `max_new_tokens` is the server's default and cap for max_tokens."""
     if not isinstance(body, dict):
@@ -134,6 +141,9 @@ def parse_chat(body, max_new_tokens: int) -> ChatRequest:
         source = ("url", _unicode(url, "audio_url.url"))
     if _number(body, "n", int, 1) != 1:
         raise APIError(400, "n must be 1: one caption per request", param="n")
+    for name, neutral in NOT_IMPLEMENTED.items():
+        if body.get(name) not in neutral:
+            raise APIError(400, f"{name} is not supported here: leave it out", param=name)
     limit = _number(body, "max_completion_tokens", int, None, 1, max_new_tokens)
     limit = _number(body, "max_tokens", int, limit or max_new_tokens, 1, max_new_tokens)
     temperature = _number(body, "temperature", float, 0.0, 0.0, 2.0)  # greedy unless asked: labels repeat

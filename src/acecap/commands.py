@@ -316,7 +316,7 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     from .fetch import AudioAccess
-    from .serve import ServeConfig, serve
+    from .serve import ServeConfig, check_address, serve
 
     if args.allow_files is not None and not args.allow_files.is_dir():
         raise ValueError(f"--allow-files {args.allow_files}: not a folder")
@@ -338,6 +338,7 @@ def serve_command(args: argparse.Namespace) -> int:
         fetch_workers=args.fetch_workers,
         access=access,
     )
+    check_address(args.host, args.port)
     serve(_load_captioner(args), config, args.host, args.port)
     return 0
 

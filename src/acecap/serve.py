@@ -59,8 +59,13 @@ class ServeConfig:
     access: AudioAccess = field(default_factory=AudioAccess)
 
     def __post_init__(self) -> None:
-        if self.fetch_workers < 1:
-            raise ValueError("--fetch-workers must be at least 1")
+        for name, value, low in (("fetch-workers", self.fetch_workers, 1), ("max-batch-size", self.max_batch_size, 1),
+                                 ("max-queue", self.max_queue, 1), ("max-wait-ms", self.max_wait_ms, 0)):  # fmt: skip
+            if value is not None and value < low:
+                raise ValueError(f"--{name} must be at least {low}")
+        for name, value in (("timeout", self.timeout_s), ("max-body-mb", self.max_body_mb)):
+            if not value > 0:  # 0 would refuse every request
+                raise ValueError(f"--{name} must be above 0")
 
 
 class _Metrics:
@@ -211,8 +216,8 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
     def check_key(request: Request) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error")  # fmt: skip
 
@@ -255,7 +260,11 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
         started = time.monotonic()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            parsed, clip = await checked(request)
+            try:  # a body sent slowly, a file fetched slowly: --timeout counts from arrival
+                parsed, clip = await asyncio.wait_for(checked(request), config.timeout_s)
+            except asyncio.TimeoutError:
+                raise APIError(504, "the request was not read and checked within the server's --timeout",
+                               kind="timeout_error") from None  # fmt: skip
             answers: asyncio.Queue = asyncio.Queue()  # tokens (when streaming), then the Result or error text
             loop = asyncio.get_running_loop()
             job = batching.Request(
@@ -307,7 +316,24 @@ def _sse(payload: dict) -> str:
 async def _stream(job, answers, deadline, request_id, model, tokenizer, end_ids, include_usage, metrics,
                   started) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: the role, text deltas as tokens arrive, the finish reason, usage, [DONE]."""
-    yield _sse(chunk(request_id, model, {"role": "assistant", "content": ""}))
+    counted = False
+    try:
+        yield _sse(chunk(request_id, model, {"role": "assistant", "content": ""}))
+        async for event in _events(job, answers, deadline, request_id, model, tokenizer, end_ids, include_usage):
+            if isinstance(event, str):
+                yield event
+            else:
+                counted = True
+                status, kind, result = event
+                metrics.answered(status, started, kind, result)
+    finally:
+        job.cancelled = True  # a client gone mid-stream frees its place if the batch has not started
+        if not counted:  # the client left (a disconnect closes this generator): counted as nginx does
+            metrics.answered(499, started, "client_closed_error")
+
+
+async def _events(job, answers, deadline, request_id, model, tokenizer, end_ids, include_usage):
+    """_stream's events: its text, then (status, error kind or None, result or None) for the metrics."""
     ids: list[int] = []
     sent = ""
     ended = False
@@ -329,19 +355,17 @@ async def _stream(job, answers, deadline, request_id, model, tokenizer, end_ids,
             raise APIError(500, f"captioning failed: {item}", kind="server_error")
     except Exception as failure:  # the status line is sent: the error goes out as the stream's last event
         error = failure if isinstance(failure, APIError) else _internal(failure)
-        metrics.answered(error.status, started, error.kind)
         yield _sse(error.body())
         yield "data: [DONE]\n\n"
+        yield (error.status, error.kind, None)
         return
-    finally:
-        job.cancelled = True  # a client gone mid-stream frees its place if the batch has not started
     if item.text.startswith(sent) and len(item.text) > len(sent):
         yield _sse(chunk(request_id, model, {"content": item.text[len(sent) :]}))
     yield _sse(chunk(request_id, model, {}, finish_reason(item)))
     if include_usage:
         yield _sse(chunk(request_id, model, {}, tokens=usage(item)))
     yield "data: [DONE]\n\n"
-    metrics.answered(200, started, result=item)
+    yield (200, None, item)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -351,6 +375,14 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(2048)  # connections made before uvicorn takes over wait in the backlog, not refused
     return sock
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail now, not after minutes of loading the model, when the address cannot be listened on."""
+    try:
+        _bind(host, port).close()
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def _server(captioner, config: ServeConfig, access_log: bool):

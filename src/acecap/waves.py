@@ -111,7 +111,9 @@ class StaticWave:
         self.generator = None
         if decoding.temperature > 0:
             self.generator = torch.Generator(device=device)
-            if decoding.seed is not None:
+            if decoding.seed is None:
+                self.generator.seed()  # a new generator's state is a constant: unseeded, every sample would be one
+            else:
                 self.generator.manual_seed(decoding.seed)
         self.graphed: GraphedStep | None = None
 
