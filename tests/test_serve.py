@@ -180,6 +180,13 @@ def test_neutral_openai_settings_and_a_lowercase_bearer_are_taken(server):
 def test_a_data_url_is_audio_too(server):
     data = "data:audio/wav;base64," + base64.b64encode(wav_bytes()).decode()
     assert post(server, body(url_part(data), max_tokens=4)).status_code == 200
+    wrapped = "DATA:audio/wav;BASE64," + base64.encodebytes(wav_bytes()).decode()  # MIME's line breaks, any case
+    assert post(server, body(url_part(wrapped), max_tokens=4)).status_code == 200
+    assert httpx.head(f"{server}/health").status_code == 200
+    cut = wav_bytes()[:-20000]  # its header declares more than it holds
+    answer = post(server, body(audio_part(cut), max_tokens=4))
+    refused(answer, 400, "cut short or damaged")
+    assert "--allow-partial" not in answer.text  # a flag of the command line, not of this API
 
 
 def test_metrics_count_requests_errors_batches_and_tokens(server):

@@ -229,6 +229,9 @@ def _read_pyav(source: Path | bytes, max_seconds: float | None) -> _Read:
     return read
 
 
+PARTIAL_HINT = "; --allow-partial captions what is there"  # for the command line; serve leaves it out
+
+
 def _clip(read: _Read, source: str, allow_partial: bool) -> Clip:
     """The read as a clip, or AudioError for a file that holds less than it declares (unless allowed)."""
     missing = None
@@ -239,8 +242,7 @@ def _clip(read: _Read, source: str, allow_partial: bool) -> Clip:
     elif not read.stopped and read.declared_s and read.declared_s - read.read_s > PARTIAL_TOLERANCE_S:
         missing = f"holds {read.read_s:.2f} s of the {read.declared_s:.2f} s its header declares"
     if missing and not allow_partial:
-        raise AudioError(f"{missing}: cut short or damaged (a partial copy or download?); "
-                         "--allow-partial captions what is there")  # fmt: skip
+        raise AudioError(f"{missing}: cut short or damaged (a partial copy or download?){PARTIAL_HINT}")
     samples = np.ascontiguousarray(read.samples)
     if read.read_s == 0:
         raise AudioError("contains no audio samples (zero length)")

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from .audio import AudioError, Clip, decode_audio
+from .audio import PARTIAL_HINT, AudioError, Clip, decode_audio
 from .chat import APIError
 
 log = logging.getLogger("acecap")
 MAX_REDIRECTS = 5
 REDIRECTS = {301, 302, 303, 307, 308}
 CHUNK = 1 << 16
+LINE_BREAKS = dict.fromkeys(map(ord, "\r\n"))  # dropped from base64 before strict decoding
 UNSAFE = re.compile(r"[\x00-\x20\x7f]")  # spaces and control characters, which a URL must percent-encode
 
 
@@ -90,7 +91,7 @@ def fetch_audio(source: tuple[str, str], access: AudioAccess, deadline: float | 
     scheme = _scheme(value)
     if scheme == "data":
         header, _, payload = value.partition(",")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):
             raise APIError(400, "a data: audio_url must be base64 (data:audio/...;base64,...)")
         return _decoded(_base64(payload, "the audio_url's data"), "audio_url")
     if scheme == "file":
@@ -106,15 +107,15 @@ def _decode(data: bytes, source: str, max_seconds: float | None) -> Clip:
     try:
         return decode_audio(data, source, max_seconds)
     except AudioError as error:
-        raise APIError(400, f"the audio could not be used: {error}") from None
+        raise APIError(400, f"the audio could not be used: {str(error).removesuffix(PARTIAL_HINT)}") from None
     except Exception as error:  # a decoder library's own failure on malformed data
         log.warning("decoding a request's audio failed", exc_info=error)
         raise APIError(400, f"the audio could not be decoded ({type(error).__name__})") from None
 
 
 def _base64(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
+    try:  # line breaks allowed, as MIME's base64 (Python's encodebytes) writes them; nothing else
+        return base64.b64decode(text.translate(LINE_BREAKS), validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, f"{what} is not valid base64") from None
 

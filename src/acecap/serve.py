@@ -221,7 +221,7 @@ def create_app(captioner, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error")  # fmt: skip
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers' health checks use either
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "waiting": batcher.waiting, "running": batcher.running}
 
