@@ -99,10 +99,12 @@ def songs_from_records(records: list[dict], relative: dict[str, Path], reviews: 
             labels.update(bpm=record.get("bpm"), keyscale=record.get("keyscale"),
                           timesignature=str(beats) if beats is not None else None)  # fmt: skip
     for path, edited in (reviews or {}).items():
-        if path not in songs and path in relative and edited:  # every task failed, yet a person labelled it
-            songs[path] = Song(Path(path), relative[path])
+        if path not in songs:
+            if path not in relative or not edited:
+                continue
+            songs[path] = Song(Path(path), relative[path])  # every task failed, yet a person labelled it
         labels = machine.get(path, {})
-        for key, value in edited.items() if path in songs else ():
+        for key, value in edited.items():
             if key not in labels or value != labels[key]:
                 setattr(songs[path], key, value)
     return list(songs.values())

@@ -269,7 +269,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from .compare import builtin_suite, check_both_fit, choose_sides, compare, compare_results
     from .generate import Decoding
     from .inputs import discover
-    from .precision_report import ABSENT, verdict, write_report, write_text_report
+    from .precision_report import failed_in_candidate, verdict, write_report, write_text_report
 
     saved = [Path(p) for p in args.paths if Path(p).suffix in (".json", ".jsonl")]
     if saved:  # two runs made elsewhere: compare what they saved
@@ -278,7 +278,7 @@ def compare_command(args: argparse.Namespace) -> int:
         results, missing = compare_results(*saved)
         line = write_text_report(results, missing, *saved, args.output_dir)
         # The candidate failing a file the reference did is a difference too: the one a saved run can show.
-        status = int(any(m["reference_error"] is None and m["candidate_error"] != ABSENT for m in missing))
+        status = int(failed_in_candidate(missing) > 0)
     else:
         reference, candidate = choose_sides(args.ref, args.cand)
         clips = [] if args.no_suite else builtin_suite()

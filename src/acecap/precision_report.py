@@ -123,6 +123,11 @@ def _plots(results: list[dict], output_dir: Path) -> None:
     pyplot.close(figure)
 
 
+def failed_in_candidate(missing: list[dict]) -> int:
+    """Of the texts two saved runs could not compare, those the reference wrote and the candidate failed."""
+    return sum(m["reference_error"] is None and m["candidate_error"] != ABSENT for m in missing)
+
+
 def write_text_report(results: list[dict], missing: list[dict], reference: Path, candidate: Path,
                       output_dir: Path) -> str:  # fmt: skip
     """Two saved runs: texts only, so no verdict beyond how many match, and which texts one run lacks."""
@@ -131,9 +136,8 @@ def write_text_report(results: list[dict], missing: list[dict], reference: Path,
     mean = sum(r["generation"]["character_similarity"] for r in results) / len(results)
     line = (f"{identical}/{len(results)} texts identical ({candidate} against {reference}); "
             f"mean character similarity {mean:.3f}")  # fmt: skip
-    failed = sum(m["reference_error"] is None and m["candidate_error"] != ABSENT for m in missing)
     if missing:
-        line += f"; {len(missing)} not compared ({failed} failed in the candidate only)"
+        line += f"; {len(missing)} not compared ({failed_in_candidate(missing)} failed in the candidate only)"
     document = {"schema": 1, "reference": str(reference), "candidate": str(candidate), "verdict": None,
                 "summary": line, "clips": results, "not_compared": missing}  # fmt: skip
     atomic_write(output_dir / "precision_results.json", to_json(document, indent=2) + "\n")  # any file name

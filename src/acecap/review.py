@@ -258,7 +258,8 @@ def create_app(catalog: Catalog, token: str | None = None, loopback: bool = True
             raise HTTPException(400, 'send {"fields": {...}, "approved": true|false}')
         with saving:
             # Two tabs on one file: the later save, made from what it loaded, would silently undo the earlier.
-            if body.get("version", version(entry)) != version(entry):
+            current = version(entry)
+            if body.get("version", current) != current:
                 raise HTTPException(409, "this file was saved elsewhere (another tab?) since this page loaded: "
                                          "reload it to see those labels; yours are not saved")  # fmt: skip
             before = entry.fields

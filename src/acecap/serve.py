@@ -319,53 +319,44 @@ async def _stream(job, answers, deadline, request_id, model, tokenizer, end_ids,
     counted = False
     try:
         yield _sse(chunk(request_id, model, {"role": "assistant", "content": ""}))
-        async for event in _events(job, answers, deadline, request_id, model, tokenizer, end_ids, include_usage):
-            if isinstance(event, str):
-                yield event
-            else:
-                counted = True
-                status, kind, result = event
-                metrics.answered(status, started, kind, result)
+        ids: list[int] = []
+        sent = ""
+        ended = False
+        try:
+            while True:
+                item = await _next(answers, deadline, job)
+                if not isinstance(item, int):
+                    break
+                if ended or item in end_ids:
+                    ended = True
+                    continue
+                ids.append(item)
+                text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+                # Hold back a character still being spelled across tokens, and any change to earlier text.
+                if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                    yield _sse(chunk(request_id, model, {"content": text[len(sent) :]}))
+                    sent = text
+            if isinstance(item, str):
+                raise APIError(500, f"captioning failed: {item}", kind="server_error")
+        except Exception as failure:  # the status line is sent: the error goes out as the stream's last event
+            error = failure if isinstance(failure, APIError) else _internal(failure)
+            metrics.answered(error.status, started, error.kind)
+            counted = True
+            yield _sse(error.body())
+            yield "data: [DONE]\n\n"
+            return
+        if item.text.startswith(sent) and len(item.text) > len(sent):
+            yield _sse(chunk(request_id, model, {"content": item.text[len(sent) :]}))
+        yield _sse(chunk(request_id, model, {}, finish_reason(item)))
+        if include_usage:
+            yield _sse(chunk(request_id, model, {}, tokens=usage(item)))
+        yield "data: [DONE]\n\n"
+        metrics.answered(200, started, result=item)
+        counted = True
     finally:
         job.cancelled = True  # a client gone mid-stream frees its place if the batch has not started
         if not counted:  # the client left (a disconnect closes this generator): counted as nginx does
             metrics.answered(499, started, "client_closed_error")
-
-
-async def _events(job, answers, deadline, request_id, model, tokenizer, end_ids, include_usage):
-    """_stream's events: its text, then (status, error kind or None, result or None) for the metrics."""
-    ids: list[int] = []
-    sent = ""
-    ended = False
-    try:
-        while True:
-            item = await _next(answers, deadline, job)
-            if not isinstance(item, int):
-                break
-            if ended or item in end_ids:
-                ended = True
-                continue
-            ids.append(item)
-            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            # Hold back a character still being spelled across tokens, and any change to earlier text.
-            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield _sse(chunk(request_id, model, {"content": text[len(sent) :]}))
-                sent = text
-        if isinstance(item, str):
-            raise APIError(500, f"captioning failed: {item}", kind="server_error")
-    except Exception as failure:  # the status line is sent: the error goes out as the stream's last event
-        error = failure if isinstance(failure, APIError) else _internal(failure)
-        yield _sse(error.body())
-        yield "data: [DONE]\n\n"
-        yield (error.status, error.kind, None)
-        return
-    if item.text.startswith(sent) and len(item.text) > len(sent):
-        yield _sse(chunk(request_id, model, {"content": item.text[len(sent) :]}))
-    yield _sse(chunk(request_id, model, {}, finish_reason(item)))
-    if include_usage:
-        yield _sse(chunk(request_id, model, {}, tokens=usage(item)))
-    yield "data: [DONE]\n\n"
-    yield (200, None, item)
 
 
 def _bind(host: str, port: int) -> socket.socket:
