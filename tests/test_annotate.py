@@ -15,7 +15,7 @@ from conftest import encode_with_pyav, run_acecap
 
 from acecap import Decoding
 from acecap.annotate import Job, annotate
-from acecap.inputs import Item, discover, in_shard
+from acecap.inputs import Item, ManifestError, discover, in_shard
 from acecap.progress import summary_table
 from acecap.records import ANNOTATIONS, load_records
 
@@ -210,6 +210,29 @@ def test_manifests_list_files(tmp_path):
     for manifest in ("list.txt", "list.csv", "list.jsonl", "LIST.CSV"):
         found = discover([tmp_path / manifest])
         assert [item.path.resolve() for item in found] == [p.resolve() for p in paths], manifest
+
+
+def test_a_manifest_names_files_that_are_not_utf8_and_refuses_an_entry_without_a_path(tmp_path):
+    (tmp_path / "ok.wav").write_bytes(b"")
+    odd = os.fsdecode(b"caf\xe9.wav")  # a Latin-1 name, as `find > list.txt` writes it
+    (tmp_path / odd).write_bytes(b"")
+    (tmp_path / "list.txt").write_bytes(b"ok.wav\ncaf\xe9.wav\n")
+    assert [item.path.name for item in discover([tmp_path / "list.txt"])] == ["ok.wav", odd]
+    (tmp_path / "list.jsonl").write_bytes(b'{"path": "ok.wav"}\n{"path": null}\n')
+    with pytest.raises(ManifestError, match=r"list.jsonl:2: its path is null"):
+        discover([tmp_path / "list.jsonl"])
+
+
+def test_symlinked_folders_are_followed_once_and_cannot_loop(tmp_path):
+    write_tones(tmp_path / "real", 2)
+    (tmp_path / "top").mkdir()
+    write_tones(tmp_path / "top", 1)
+    (tmp_path / "top" / "album").symlink_to(tmp_path / "real")  # an album linked into the collection
+    (tmp_path / "top" / "again").symlink_to(tmp_path / "real")  # the same album twice: its files once
+    (tmp_path / "real" / "loop").symlink_to(tmp_path / "top")  # a link back up the tree
+    found = [item.relative.as_posix() for item in discover([tmp_path / "top"])]
+    assert len(found) == 3 and sorted(Path(name).name for name in found) == ["clip00.wav", "clip00.wav", "clip01.wav"]
+    assert found == [item.relative.as_posix() for item in discover([tmp_path / "top"])]  # the same paths every run
 
 
 def test_shards_partition_the_files(tmp_path):

@@ -42,7 +42,8 @@ class InputError(ValueError):
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
-    text = manifest.read_text(encoding="utf-8-sig")
+    # A name that is not UTF-8 keeps its bytes (surrogateescape, as Python names such files), like a folder's.
+    text = manifest.read_text(encoding="utf-8-sig", errors="surrogateescape")
     kind = manifest.suffix.lower()  # discover() takes LIST.TXT as a manifest too
     if kind == ".txt":
         names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -60,23 +61,30 @@ def _manifest_paths(manifest: Path) -> list[Path]:
                 continue
             try:
                 entry = json.loads(line)
-                names.append(next(str(entry[c]) for c in PATH_COLUMNS if c in entry))
+                name = next(entry[c] for c in PATH_COLUMNS if c in entry)
             except (json.JSONDecodeError, StopIteration, TypeError):
                 raise ManifestError(f"{manifest}:{number}: not a JSON object with a path") from None
+            if not isinstance(name, str) or not name.strip():
+                raise ManifestError(f"{manifest}:{number}: its path is {json.dumps(name)}, not a file name")
+            names.append(name.strip())
     # Relative entries are relative to the manifest's folder, so a manifest travels with its data.
     return [p if p.is_absolute() else manifest.parent / p for p in map(Path, names)]
 
 
 def _walk(folder: Path) -> list[tuple[Path, str | None]]:
-    """Audio files under `folder` (symlinked folders are not entered, so links cannot loop), and each
-    subfolder that could not be listed, with why: files in it must not vanish without a word."""
+    """Audio files under `folder`, symlinked folders followed (an album linked into a collection is part of it)
+    but each real folder entered once, so links cannot loop; and each subfolder that could not be listed, with
+    why: files in it must not vanish without a word."""
     unlisted: list[OSError] = []
-    found = [
-        (Path(root) / name, None)
-        for root, _, files in os.walk(folder, onerror=unlisted.append)
-        for name in files
-        if Path(name).suffix.lower() in AUDIO_EXTENSIONS
-    ]
+    found, entered = [], set()
+    for root, folders, files in os.walk(folder, onerror=unlisted.append, followlinks=True):
+        real = os.path.realpath(root)
+        if real in entered:  # a link back up the tree, or a second link to one folder
+            folders.clear()
+            continue
+        entered.add(real)
+        folders.sort()  # a folder reached twice is named the same way by every run: the first path, in order
+        found += [(Path(root) / name, None) for name in files if Path(name).suffix.lower() in AUDIO_EXTENSIONS]
     found += [(Path(e.filename), f"cannot list this folder: {e.strerror or e}") for e in unlisted]
     return sorted(found)
 
