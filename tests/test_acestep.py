@@ -12,7 +12,7 @@ import soundfile
 from conftest import run_acecap
 from test_benchmarks import load_program
 
-from acecap.acestep import export
+from acecap.acestep import WRITTEN, export
 
 AUDIO = (".wav", ".mp3", ".flac", ".ogg", ".opus")
 
@@ -240,16 +240,36 @@ def test_a_name_that_is_not_utf8_is_left_out_of_the_csv_which_stays_readable(tmp
 def test_a_value_acecap_wrote_and_now_withholds_becomes_unknown_but_a_persons_stays(tmp_path):
     from acecap.acestep import Song, write_sidecars
 
-    audio = tmp_path / "drone.wav"
+    audio, written = tmp_path / "drone.wav", {}
     first = Song(audio, Path(audio.name), caption="A drone.", bpm=120, keyscale="A minor")
-    write_sidecars(first, None)
+    write_sidecars(first, None, written=written)
     redone = Song(audio, Path(audio.name), caption="A drone.", bpm=None, keyscale="A minor")  # now below threshold
-    write_sidecars(redone, None, before=first)
+    write_sidecars(redone, None, written=written)
     assert json.loads((tmp_path / "drone.json").read_text())["bpm"] is None  # as dataset.csv leaves it
     sidecar = json.loads((tmp_path / "drone.json").read_text())
     (tmp_path / "drone.json").write_text(json.dumps({**sidecar, "bpm": 118}))  # a person sets it
-    write_sidecars(redone, None, before=first)
+    write_sidecars(Song(audio, Path(audio.name), caption="A drone.", bpm=121), None, written=written)
     assert json.loads((tmp_path / "drone.json").read_text())["bpm"] == 118
+
+
+def test_what_acecap_wrote_is_replaced_by_a_redo_whatever_runs_came_between(tmp_path):
+    """The ledger, not the records before the run: a redo whose run exported nothing (interrupted, or without
+    -f acestep) still replaces acecap's text at the next export; a person's stays."""
+    relative = {str(tmp_path / f"{name}.wav"): Path(f"{name}.wav") for name in ("a", "b")}
+
+    def records(text: str) -> list[dict]:
+        return [{"path": path, "task": "caption", "error": None, "caption": f"{text} {Path(path).stem}"}
+                for path in relative]  # fmt: skip
+
+    export(records("cut"), relative, ["acestep"], tmp_path / "out")
+    (tmp_path / "b.caption.txt").write_text("My own words.\n")
+    # A run redid both (its records: "whole") but exported nothing; the next run's records are the same.
+    export(records("whole"), relative, ["acestep"], tmp_path / "out", records_before=records("whole"))
+    assert (tmp_path / "a.caption.txt").read_text() == "whole a\n"
+    assert json.loads((tmp_path / "a.json").read_text())["caption"] == "whole a"
+    assert (tmp_path / "b.caption.txt").read_text() == "My own words.\n"
+    assert json.loads((tmp_path / "b.json").read_text())["caption"] == "whole b"  # the json was still acecap's
+    assert (tmp_path / "out" / WRITTEN).is_file()
 
 
 def test_a_stricter_threshold_on_a_rerun_takes_back_the_guesses_acecap_wrote_under_a_looser_one(tmp_path):

@@ -28,6 +28,26 @@ def annotate_cli(tiny_model, *args: str):
 
 
 @pytest.mark.slow
+def test_a_redo_by_a_run_that_wrote_no_files_reaches_them_at_the_next_run_that_does(tiny_model, tmp_path):
+    """Files redone by a run without -f (or one interrupted before its export) hold the old texts; the next run
+    with -f txt -f acestep writes the new ones, though nothing is left to caption."""
+    songs, out = tmp_path / "songs", tmp_path / "out"
+    for index, name in enumerate(("a.wav", "b.wav")):
+        write(songs / name, seed=index)
+    files = ["-f", "txt", "-f", "acestep"]
+    assert annotate_cli(tiny_model, str(songs), "-o", str(out), *files).returncode == 0  # cut at 3 tokens
+    longer = ["--model", str(tiny_model), "--max-new-tokens", "6", "--quiet"]
+    assert run_acecap("annotate", str(songs), "-o", str(out), *longer).returncode == 0  # redone, no files written
+    assert run_acecap("annotate", str(songs), "-o", str(out), *files, *longer).returncode == 0
+    for record in load_records(out):
+        name = Path(record["path"]).stem
+        assert record["tokens"] == 6
+        assert (out / f"{name}.caption.txt").read_text() == record["caption"] + "\n"
+        assert (songs / f"{name}.caption.txt").read_text() == record["caption"].strip() + "\n"
+        assert json.loads((songs / f"{name}.json").read_text())["caption"] == record["caption"]
+
+
+@pytest.mark.slow
 def test_formats_added_to_a_finished_job_are_written_from_its_records(tiny_model, tmp_path):
     songs = tmp_path / "songs"
     for index, name in enumerate(("a.wav", "sub/b.wav", "sub/deeper/c.wav")):

@@ -10,16 +10,18 @@
 Files that would share an output (`song.wav` and `song.ogg` → `song.json`; two `intro.wav` rows in the csv)
 are refused before any work (check_collisions): the scanner could not tell them apart either.
 
-A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A value acecap
-wrote itself from an earlier record (one that a run has since redone: a text cut at --max-new-tokens, a failed
-file) is replaced. A tempo, key or time signature whose confidence is below `min_confidence` is written as
-unknown, not guessed. Every file is written whole or not at all.
+A value a person already wrote is kept unless `overwrite`: acecap adds, it does not clobber. A value still as
+acecap last wrote it (OUT/sidecars-written.json holds a digest of each) is acecap's, and what a run has since
+redone (a text cut at --max-new-tokens) replaces it, however many runs came between. A tempo, key or time
+signature whose confidence is below `min_confidence` is written as unknown, not guessed. Every file is
+written whole or not at all.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -37,6 +39,7 @@ log = logging.getLogger("acecap")
 FORMATS = ("acestep", "csv", "acestep-dataset")
 JSON_KEYS = ("caption", "bpm", "keyscale", "timesignature", "language", "duration", "is_instrumental", "genre")
 UNKNOWN = {"bpm": None, "keyscale": "", "timesignature": "", "language": "unknown"}  # written when not known
+WRITTEN = "sidecars-written.json"  # in OUT: what acecap last wrote into each sidecar, as digests
 
 
 @dataclass
@@ -114,20 +117,64 @@ def _text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
 
 
-def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, before: Song | None = None) -> list[Path]:
-    """song.caption.txt, song.lyrics.txt and song.json beside the audio (or under `folder`, mirrored). `before`:
-    the song as the records stood before this run; a value still as acecap wrote it from them is its own."""
-    base = song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
-    written = []
+def digest(value) -> str:
+    """A short digest of a sidecar's text or a song.json value: enough to tell acecap's from a person's."""
+    return hashlib.blake2b(to_json(value).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def load_written(path: Path) -> dict:
+    """The sidecars' ledger: sidecar path → digest of the text acecap last wrote (a song.json: key → digest)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:  # unreadable: every sidecar value then counts as a person's, kept
+        log.warning("%s: cannot be read (%s); values in existing sidecars are kept as they are", path, error)
+        return {}
+
+
+def ledger_of(songs: list[Song], folder: Path | None) -> dict:
+    """The ledger acecap's export of `songs` would have left: for output folders made before it kept one."""
+    written: dict = {}
+    for song in songs:
+        base = _base(song, folder)
+        for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
+            if text is not None:
+                written[str(base.with_name(base.name + suffix))] = digest(text.strip())
+        written[str(base.with_name(base.name + ".json"))] = {k: digest(v) for k, v in song.fields().items()}
+    return written
+
+
+def _save_ledger(path: Path, written: dict) -> list[Path]:
+    """The ledger, rewritten when it changed; [] (it is acecap's bookkeeping, not one of the files written)."""
+    text = to_json(written) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+        atomic_write(path, text)
+    return []
+
+
+def _base(song: Song, folder: Path | None) -> Path:
+    return song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
+
+
+def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, written: dict | None = None) -> list[Path]:
+    """song.caption.txt, song.lyrics.txt and song.json beside the audio (or under `folder`, mirrored). `written`:
+    the ledger (load_written); a value whose digest it holds is acecap's own to replace, and what this call
+    writes goes into it. Without one, every value already there is a person's."""
+    written = {} if written is None else written
+    base = _base(song, folder)
+    paths = []
     for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
         path = base.with_name(base.name + suffix)
-        existing = _text(path)
-        earlier = getattr(before, suffix[1:-4]) if before else None
-        ours = earlier is not None and existing == earlier.strip()
-        if text is None or existing == text.strip() or (existing and not overwrite and not ours):
+        if text is None:
             continue
-        atomic_write(path, text.strip() + "\n")
-        written.append(path)
+        existing = _text(path)
+        ours = written.get(str(path)) == digest(existing)
+        if existing == text.strip() or not existing or overwrite or ours:
+            if existing != text.strip() or not path.is_file():
+                atomic_write(path, text.strip() + "\n")
+                paths.append(path)
+            written[str(path)] = digest(text.strip())
     path = base.with_name(base.name + ".json")
     existing: dict = {}
     if path.is_file():
@@ -135,22 +182,27 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, bef
             existing = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning("%s: not valid JSON; leaving it as it is", path)
-            return written
+            return paths
         if not isinstance(existing, dict):
             log.warning("%s: not a JSON object; leaving it as it is", path)
-            return written
+            return paths
     merged = dict(existing)
-    earlier = before.fields() if before else {}
-    for key, value in song.fields().items():
+    earlier = written.get(str(path))
+    earlier = earlier if isinstance(earlier, dict) else {}
+    fields = song.fields()
+    ours = {key: value for key, value in earlier.items() if key not in fields}  # a value no record gives now
+    for key, value in fields.items():
         empty = existing.get(key) in (None, "", UNKNOWN.get(key))
         unknown = value is None or value == UNKNOWN.get(key)
-        ours = key in earlier and existing.get(key) == earlier[key]  # acecap wrote it: it may even become unknown
-        if empty or ours or (overwrite and not unknown):  # a person's value never becomes unknown, even --overwrite
+        mine = key in earlier and key in existing and earlier[key] == digest(existing[key])  # it may become unknown
+        if empty or mine or existing.get(key) == value or (overwrite and not unknown):  # a person's never unknown
             merged[key] = value
+            ours[key] = digest(value)
     if merged != existing or not path.is_file():
         atomic_write(path, to_json(merged, indent=2) + "\n")
-        written.append(path)
-    return written
+        paths.append(path)
+    written[str(path)] = ours
+    return paths
 
 
 CSV_HEADER = ["File", "BPM", "Key", "Caption"]
@@ -266,31 +318,34 @@ def export(
     reviews: dict[str, dict] | None = None,
     min_confidence: float = 0.0,
     records_before: list[dict] | None = None,
+    ledger: Path | None = None,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Write the ACE-Step `formats` for every song with a successful record or a person's labels (see
     songs_from_records: reviews win, meta values below `min_confidence` are left unknown): the paths written,
     and (path, reason) for each song or file that could not be (a read-only folder, a name too long), the rest
-    going on. `records_before`: the records before the run that made `records`; sidecar values acecap wrote
-    from them are replaced."""
+    going on. Sidecar values still as acecap last wrote them (the `ledger`, default output_dir/WRITTEN) are
+    replaced; where there is no ledger yet (a folder of an older acecap), those of `records_before` (the records
+    before this run, taken before the threshold: a value written under a looser one is acecap's too)."""
     songs = songs_from_records(records, relative, reviews, min_confidence)
     check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
-    # Before the threshold: a value an earlier run wrote under a lower --meta-min-confidence is acecap's too.
-    before = {song.audio: song for song in songs_from_records(records_before or [], relative, reviews)}
+    ledger = ledger or output_dir / WRITTEN
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
+        written = load_written(ledger) if ledger.exists() else \
+            ledger_of(songs_from_records(records_before or [], relative, reviews), sidecar_dir)  # fmt: skip
         for song in songs:
-            sidecars = functools.partial(write_sidecars, song, sidecar_dir, overwrite, before.get(song.audio))
-            jobs.append((str(song.audio), sidecars))
+            jobs.append((str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite, written)))
+        jobs.append((str(ledger), lambda: _save_ledger(ledger, written)))
     if "csv" in formats:
         jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:
         path, name = output_dir / "dataset.json", output_dir.resolve().name
         jobs.append((str(path), lambda: [write_dataset(songs, path, name)]))
-    written: list[Path] = []
+    paths: list[Path] = []
     failed: list[tuple[str, str]] = []
     for target, write in jobs:
         try:
-            written += write()
+            paths += write()
         except OSError as error:
             failed.append((target, error.strerror or str(error)))
-    return written, failed
+    return paths, failed

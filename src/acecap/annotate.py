@@ -34,12 +34,16 @@ log = logging.getLogger("acecap")
 
 
 def _restore_sidecar(job: Job, record: dict, relative: Path) -> bool:
-    """A finished file whose .txt is missing (-f txt added to a finished job, a file deleted) gets it from its
-    record. Whether it was written; OSError when it cannot be."""
-    path = sidecar_path(job, relative)
-    if path.exists():
-        return False
-    atomic_write(path, record[job.task] + "\n")
+    """A finished file whose .txt is missing or says other than its record (-f txt added to a finished job, a
+    file deleted, a redo by a run without -f txt) gets it from its record. Whether it was written; OSError when
+    it cannot be."""
+    path, text = sidecar_path(job, relative), record[job.task] + "\n"
+    try:
+        if path.read_bytes() == text.encode("utf-8", "surrogateescape"):
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, text)
     return True
 
 

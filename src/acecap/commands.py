@@ -58,7 +58,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be at least 1")
     items = discover(args.inputs)  # missing inputs and clashing outputs end the command here, before any work
     check_collisions([(item.path, item.relative) for item in items], args.format, args.sidecars_in)
-    # What the records said before this run: sidecar values acecap wrote from them are its own to replace.
+    # What the records said before this run: in a folder acecap kept no ledger of its sidecars in, the values
+    # acecap wrote from them are its own to replace.
     before = latest_per_input(load_records(args.output_dir)) if "acestep" in args.format else []
     ok = True
     for task in tasks:

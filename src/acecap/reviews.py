@@ -21,7 +21,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .acestep import CSV_HEADER, UNKNOWN, Song, csv_row, dataset_sample, export, write_sidecars
+from .acestep import CSV_HEADER, UNKNOWN, WRITTEN, Song, csv_row, dataset_sample, export, write_sidecars
 from .inputs import shown
 from .lyrics import INSTRUMENTAL
 from .records import RecordPaths, _read, latest_per_input, load_records
@@ -332,4 +332,6 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
             raise ValueError(f"no song of {folder} is approved yet: approve some in `acecap review {folder}` first")
     relative = {r["path"]: Path(audio_path(r).name) for r in records}
     edited = {path: review["edits"] for path, review in reviews.items()}
-    return export(records, relative, formats, Path(output_dir or folder), reviews=edited, min_confidence=min_confidence)
+    ledger = Path(folder) / WRITTEN  # the sidecars beside the songs are annotate's: so is the ledger of them
+    return export(records, relative, formats, Path(output_dir or folder), reviews=edited,
+                  min_confidence=min_confidence, ledger=ledger)  # fmt: skip
