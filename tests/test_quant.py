@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from conftest import run_acecap
 
@@ -177,6 +178,19 @@ def test_a_prequantized_folder_loads_as_it_was_made(tiny_model, int8, tmp_path):
         Captioner.from_pretrained(folder, device="cpu", dtype="fp32")
     again = run_acecap("quantize", str(folder), "-o", str(tmp_path / "again"), "--quant", "int4", "--device", "cpu")
     assert again.returncode == 2 and "already quantized" in again.stderr
+
+
+@pytest.mark.slow
+def test_an_int4_folder_made_on_the_cpu_loads_in_a_new_process(tiny_model, tmp_path):
+    """int4 on the CPU is a torchao prototype class that only quantizing imports: loading must import it too."""
+    (tmp_path / "taken").write_text("a file where the folder should go")
+    refused = run_acecap("quantize", str(tiny_model), "-o", str(tmp_path / "taken"), "--quant", "int4")
+    assert refused.returncode == 2 and "is a file" in refused.stderr and "Loading" not in refused.stderr
+    folder = tmp_path / "tiny-int4"
+    assert run_acecap("quantize", str(tiny_model), "-o", str(folder), "--quant", "int4").returncode == 0
+    soundfile.write(tmp_path / "song.wav", noise_clips([2.0])[0].samples, 16000)
+    result = run_acecap("caption", str(tmp_path / "song.wav"), "--model", str(folder), "--max-new-tokens", "3")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
 
 
 def test_quantizations_that_cannot_run_are_refused_before_loading(tiny_model):

@@ -14,6 +14,7 @@ from transformers import Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5
 
 from . import compat
 from . import quant as quantization
+from .writers import check_writable
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def write_quantized(source: str | Path, folder: str | Path, quant: str, device: 
     if Path(folder).resolve() == Path(source).resolve():
         raise quantization.QuantError("write the quantized folder beside the checkpoint, not over it")
     quantization.check(quant, device, torch.bfloat16)
+    check_writable(Path(folder))  # before minutes of loading, not after
     thinker = load_thinker(source, device, torch.bfloat16, quant)
     info = {"quant": quant, "device_type": device.type, "dtype": "bf16", "torchao": version("torchao"),
             "source": str(source)}  # fmt: skip

@@ -198,7 +198,13 @@ def save(state: dict[str, torch.Tensor], source: str | Path, folder: str | Path,
         if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
             shutil.copy2(path, folder / path.name)
     partial = folder / (WEIGHTS_FILE + ".partial")
-    torch.save(state, partial)
+    try:
+        torch.save(state, partial)
+    except BaseException as error:  # a full disk, Ctrl-C: no half-written file of gigabytes is left behind
+        partial.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and isinstance(error.__cause__ or error.__context__, OSError):
+            raise error.__cause__ or error.__context__ from None  # torch wraps the OSError: a person's message
+        raise
     partial.replace(folder / WEIGHTS_FILE)  # written whole or not at all
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return folder
@@ -206,4 +212,8 @@ def save(state: dict[str, torch.Tensor], source: str | Path, folder: str | Path,
 
 def load(folder: str | Path) -> dict[str, torch.Tensor]:
     """A pre-quantized folder's state, memory-mapped on the CPU (weights_only: no code runs from the file)."""
+    info = prequantized(folder) or {}
+    # weights_only loads only the tensor classes imported so far: import the module of the ones saved here
+    # (int4 on the CPU is a prototype module of torchao's that nothing else imports).
+    _config(info.get("quant", "none"), info.get("device_type", "cpu"), INT4_GROUPS[0])
     return torch.load(Path(folder) / WEIGHTS_FILE, map_location="cpu", weights_only=True, mmap=True)
