@@ -1,6 +1,7 @@
 """acecap bench: it runs small on the CPU, and every rate it reports is a count over a measured time."""
 
 import json
+import logging
 import statistics
 
 import pytest
@@ -95,3 +96,23 @@ def test_bench_refuses_bad_options_before_loading(tmp_path):
     assert done.returncode == 2 and "--batch-sizes" in done.stderr
     done = run_acecap("bench", "--device", "cpu", "--decoders", "graphs", "-o", str(tmp_path))
     assert done.returncode == 2 and "needs a CUDA device" in done.stderr
+    done = run_acecap("bench", "--device", "cpu", "--seconds", "0", "-o", str(tmp_path))
+    assert done.returncode == 2 and "--seconds 0: give a clip length" in done.stderr
+    (tmp_path / "taken").write_text("a file where the report's folder should go")
+    done = run_acecap("bench", "--device", "cpu", "--shapes", "tiny", "-o", str(tmp_path / "taken"))
+    assert done.returncode == 2 and "is a file" in done.stderr and "| static |" not in done.stderr
+
+
+def test_bench_measures_the_whole_clip_it_reports_or_refuses_it(caplog):
+    """Clips past the default --max-duration (300 s) are captioned whole; past the context, refused."""
+    from acecap.bench import bench
+
+    caplog.set_level(logging.WARNING, logger="acecap")
+    report = bench(shape="tiny", device="cpu", decoders=["static"], batch_sizes=[1], seconds=320.0, tokens=2,
+                   repeats=1, log=lambda line: None)  # fmt: skip
+    (run,) = report["runs"]
+    assert run["error"] is None and report["setup"]["seconds"] == 320.0
+    assert "captioning the first" not in caplog.text  # all 320 s went in, as the report says
+    with pytest.raises(ValueError, match="takes at most"):
+        bench(shape="tiny", device="cpu", decoders=["static"], batch_sizes=[1], seconds=1e5, tokens=2, repeats=1,
+              log=lambda line: None)  # fmt: skip

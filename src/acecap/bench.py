@@ -8,6 +8,7 @@ ignored), after a warm-up, with the device synchronised around each timed call.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -26,6 +27,7 @@ from .features import audio_tokens, feature_frames
 from .generate import Decoding
 from .plotting import label, pyplot
 from .quant import quantize_layer, tensor_bytes
+from .writers import check_writable
 
 # Memory bandwidth (bytes/s) of the cards whose peak we know, matched on the device name.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "910B": 1.6e12}
@@ -242,10 +244,11 @@ def measure(captioner: Captioner, batch: int, seconds: float, tokens: int, repea
     prompt = captioner.prompt_tokens - 1 + audio_tokens(feature_frames(samples))  # the placeholder expanded
     point.prefill_flops = batch * sum(prefill_flops(captioner.thinker, prompt, samples).values())
     try:
-        captioner.caption_clips(clips, Decoding(max_new_tokens=min(tokens, 8), ignore_eos=True))  # warm-up
+        warm_up = Decoding(max_new_tokens=min(tokens, 8), ignore_eos=True)
+        captioner.caption_clips(clips, warm_up, max_duration=seconds)  # the whole clip, not the default 300 s
         devices.reset_peak_memory(device)
         for _ in range(repeats):
-            result = captioner.caption_clips(clips, decoding)[0]
+            result = captioner.caption_clips(clips, decoding, max_duration=seconds)[0]
             point.first_token_s.append(result.timings.first_token_s)
             point.total_s.append(result.timings.total_s)
         point.peak_memory_bytes = devices.peak_memory(device) - (baseline if device.type == "cpu" else 0)
@@ -363,7 +366,11 @@ def bench(
 
     if tokens < 2 or repeats < 1:
         raise ValueError("bench needs --tokens >= 2 and --repeats >= 1")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"--seconds {seconds:g}: give a clip length in seconds above 0")
     chosen = [choose_decoder(d, devices.resolve_device(device)) for d in decoders or ["auto"]]  # before loading
+    if output_dir:
+        check_writable(Path(output_dir))
     batch_sizes = batch_sizes or [1, 8]
     before_model = devices.resident_memory()
     if model:
@@ -372,6 +379,10 @@ def bench(
         )
     else:
         captioner = random_captioner(shape, device, dtype, quant, prefill_tokens)
+    longest = captioner.max_duration_limit(Decoding(max_new_tokens=tokens))
+    if seconds > longest:  # it would caption less than the report says it measured
+        raise ValueError(f"--seconds {seconds:g}: with --tokens {tokens} this model takes at most {longest:.0f} s "
+                         "of audio in one pass")  # fmt: skip
     name = devices.device_name(captioner.device)
     setup = {
         "model": model or f"random weights, {shape} shape",
