@@ -1,4 +1,5 @@
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -134,3 +135,22 @@ def test_a_prompt_holding_the_audio_placeholder_is_refused(captioner):
     with pytest.raises(ValueError, match="must not contain the audio placeholder"):
         captioner.caption_clips([clip], Decoding(max_new_tokens=2), prompts=["Describe <|AUDIO|> in detail"])
     assert captioner.caption_clips([clip], Decoding(max_new_tokens=2), prompts=["Describe it"])[0].tokens == 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 2.5},
+        {"max_new_tokens": True},
+        {"temperature": math.nan},
+        {"temperature": math.inf},
+        {"top_p": math.nan},
+        {"repetition_penalty": math.nan},
+        {"repetition_penalty": math.inf},
+    ],
+)
+def test_decoding_refuses_values_no_decoder_can_use(options):
+    """NaN compares false with every bound, so checks written as `< 0` let it through to the kernels."""
+    with pytest.raises(ValueError, match="must be"):
+        Decoding(**options)
+    assert Decoding(max_new_tokens=np.int64(8)).max_new_tokens == 8  # a count from numpy is a whole number

@@ -23,11 +23,16 @@ def test_caption_prints_only_the_generated_text(tiny_model, audio_dir, name):
 @pytest.mark.slow
 def test_output_files_in_each_format(tiny_model, audio_dir, tmp_path):
     files = [str(audio_dir / "tone.wav"), str(audio_dir / "tone.m4a")]
-    for fmt in ("txt", "json", "jsonl"):
+    for fmt in ("txt", "json"):
         args = ["caption", *files, "--model", str(tiny_model), "--max-new-tokens", "4", "-o", str(tmp_path), "-f", fmt]
         result = run_acecap(*args)
         assert result.returncode == 2, result.stderr  # tone.wav and tone.m4a share the name "tone"
         assert "would write the same output files" in result.stderr
+    one_file = ["caption", *files, "--model", str(tiny_model), "--max-new-tokens", "4", "-o", str(tmp_path / "jsonl")]
+    result = run_acecap(*one_file, "-f", "jsonl")  # one line per file in one file: nothing can clash
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "jsonl" / "caption.jsonl").read_text().splitlines()
+    assert [json.loads(line)["source"] for line in lines] == files
     files = [str(audio_dir / "tone.wav"), str(audio_dir / "stereo24.wav")]
     for fmt in ("txt", "json", "jsonl"):
         args = ["caption", *files, "--model", str(tiny_model), "--max-new-tokens", "4", "-o", str(tmp_path), "-f", fmt]
@@ -40,6 +45,22 @@ def test_output_files_in_each_format(tiny_model, audio_dir, tmp_path):
     assert record["tokens"] == 4 and record["dtype"] == "fp32" and record["truncated"] is False
     lines = (tmp_path / "caption.jsonl").read_text().splitlines()
     assert [json.loads(line)["source"] for line in lines] == files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["-f", "json"], "-f json says what -o DIR receives"),
+        (["--max-duration", "0"], "--max-duration 0: give a length"),
+        (["--max-duration", "nan"], "'nan': give a finite number"),
+        (["--temperature", "nan"], "'nan': give a finite number"),
+        (["--repetition-penalty", "inf"], "'inf': give a finite number"),
+    ],
+)
+def test_caption_options_that_cannot_work_are_usage_errors_before_loading(tiny_model, audio_dir, options, says):
+    result = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), *options)
+    assert result.returncode == 2 and says in result.stderr and "loaded in" not in result.stderr, result.stderr
 
 
 def one_error_line(result) -> str:

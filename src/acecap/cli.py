@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,14 @@ examples:
   acecap caption song.wav --device cuda --quant int4   the 7B model on a 12 GB card
   acecap doctor --device npu:0                  check this machine before downloading 22 GB
 """
+
+
+def finite(text: str) -> float:
+    """A number option: NaN and infinity are refused as usage errors (NaN passes every `<` check)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
 
 
 QUANT_HELP = (
@@ -88,11 +97,11 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     group.add_argument("--prompt", help="replace the task's prompt (e.g. '*Task* Describe this audio in detail')")
     group.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling (default 1.0)")
-    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages loops (default 1.0)")
+    group.add_argument("--temperature", type=finite, default=0.0, help="0 = greedy (default); > 0 samples")
+    group.add_argument("--top-p", type=finite, default=1.0, help="nucleus sampling when sampling (default 1.0)")
+    group.add_argument("--repetition-penalty", type=finite, default=1.0, help="> 1 discourages loops (default 1.0)")
     group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    group.add_argument("--max-duration", type=float, default=300.0,
+    group.add_argument("--max-duration", type=finite, default=300.0,
                        help="caption at most this many seconds of each file; longer files are truncated "
                        "and flagged (default 300, the model's design; up to ~1290 fits the context)")  # fmt: skip
     group.add_argument("--allow-partial", action="store_true",
@@ -131,7 +140,7 @@ def _caption_parser(commands) -> None:
     )  # fmt: skip
     caption.add_argument("paths", nargs="+", metavar="PATH", help="audio files: wav, flac, mp3, ogg, opus, m4a, …")
     caption.add_argument("-o", "--output-dir", type=Path, help="also write results into this folder")
-    caption.add_argument("-f", "--format", choices=["txt", "json", "jsonl"], default="txt",
+    caption.add_argument("-f", "--format", choices=["txt", "json", "jsonl"],
                          help="with -o: txt writes <name>.<task>.txt (ACE-Step reads <name>.caption.txt), "
                          "json writes <name>.<task>.json, jsonl appends to <task>.jsonl. Default: txt")  # fmt: skip
     _model_options(caption)
@@ -180,7 +189,7 @@ def _annotate_parser(commands) -> None:
         help="truncate: caption the first --max-duration seconds (default); full: the whole "
         "song up to the context limit; segment: caption consecutive windows",
     )
-    group.add_argument("--segment-seconds", type=float, default=60.0, help="window length for segment (default 60)")
+    group.add_argument("--segment-seconds", type=finite, default=60.0, help="window length for segment (default 60)")
     group.add_argument(
         "--overwrite", action="store_true", help="redo what earlier runs finished; replace values in existing sidecars"
     )
@@ -198,7 +207,7 @@ def _annotate_parser(commands) -> None:
                        "Vorbis BPM/INITIALKEY, MP4 tmpo/initialkey; Camelot and Open Key read too), signal (estimated "
                        "from the audio), or tags,signal: tags where present, else the signal (default). The time "
                        "signature is never in tags: it comes from the signal (unknown with tags alone)")  # fmt: skip
-    group.add_argument("--meta-min-confidence", type=float, default=0.3, metavar="C",
+    group.add_argument("--meta-min-confidence", type=finite, default=0.3, metavar="C",
                        help="in the ACE-Step files (-f acestep, csv, acestep-dataset), write a tempo, key or time "
                        "signature whose confidence is below C as unknown rather than guess; annotations.jsonl keeps "
                        "every value with its confidence and source. 0 writes all (default 0.3)")  # fmt: skip
@@ -236,7 +245,7 @@ def _bench_parser(commands) -> None:
     bench.add_argument("--decoders", default="auto",
                        help="comma-separated: auto, static, compiled, graphs, transformers")  # fmt: skip
     bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    bench.add_argument("--seconds", type=float, default=30.0, help="audio per clip (default 30)")
+    bench.add_argument("--seconds", type=finite, default=30.0, help="audio per clip (default 30)")
     bench.add_argument("--tokens", type=int, default=128, help="tokens decoded per clip, end token ignored")
     bench.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
     bench.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="N",
@@ -303,7 +312,7 @@ def _serve_parser(commands) -> None:
     )
     group.add_argument(
         "--max-wait-ms",
-        type=float,
+        type=finite,
         default=10.0,
         help="how long an idle device waits for more requests to join the first (default 10)",
     )
@@ -313,10 +322,10 @@ def _serve_parser(commands) -> None:
         default=256,
         help="requests that may wait for the device; more get 503 with Retry-After (default 256)",
     )
-    group.add_argument("--max-body-mb", type=float, default=100.0, help="largest request body (default 100 MiB)")
+    group.add_argument("--max-body-mb", type=finite, default=100.0, help="largest request body (default 100 MiB)")
     group.add_argument(
         "--max-duration",
-        type=float,
+        type=finite,
         default=300.0,
         help="longest audio in seconds; longer gets 413 (default 300, the model's design)",
     )
@@ -325,7 +334,7 @@ def _serve_parser(commands) -> None:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=finite,
         default=600.0,
         help="seconds from a request's arrival to its last token; then 504 (default 600)",
     )
@@ -341,9 +350,9 @@ def _serve_parser(commands) -> None:
     group.add_argument("--allow-private-urls", nargs="*", metavar="CIDR",
                        help="with --allow-urls, fetch also from private, loopback, link-local and reserved "
                        "addresses: those in the networks given (e.g. 10.0.0.0/8), or any without one")  # fmt: skip
-    group.add_argument("--fetch-timeout", type=float, default=60.0,
+    group.add_argument("--fetch-timeout", type=finite, default=60.0,
                        help="seconds to read a file:// or http(s) audio_url; then 504 (default 60)")  # fmt: skip
-    group.add_argument("--max-fetch-mb", type=float, default=100.0,
+    group.add_argument("--max-fetch-mb", type=finite, default=100.0,
                        help="largest file:// or http(s) audio_url; larger gets 413 (default 100 MiB)")  # fmt: skip
     group.add_argument("--fetch-workers", type=int, default=32,
                        help="threads reading file:// and http(s) audio, apart from those checking and decoding "
@@ -380,7 +389,7 @@ def _review_parser(commands) -> None:
                        "there are kept); csv, dataset.csv; acestep-dataset, dataset.json")  # fmt: skip
     group.add_argument("--export-to", type=Path, metavar="DIR",
                        help="where dataset.csv and dataset.json go (default OUT)")  # fmt: skip
-    group.add_argument("--meta-min-confidence", type=float, metavar="C",
+    group.add_argument("--meta-min-confidence", type=finite, metavar="C",
                        help="with --export: a tempo, key or time signature no person changed whose confidence is "
                        "below C is written as unknown, as annotate writes it (default 0.3)")  # fmt: skip
 

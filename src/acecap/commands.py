@@ -199,8 +199,14 @@ def caption_command(args: argparse.Namespace) -> int:
     from .writers import check_unique_names, check_writable, write_result
 
     decoding = _decoding(args)
+    if args.format and not args.output_dir:
+        raise ValueError(f"-f {args.format} says what -o DIR receives: give -o DIR")
+    if not args.max_duration > 0:
+        raise ValueError(f"--max-duration {args.max_duration:g}: give a length in seconds above 0")
+    fmt = args.format or "txt"
     if args.output_dir:
-        check_unique_names(args.paths)
+        if fmt != "jsonl":  # jsonl appends every file's line to one file: names cannot clash
+            check_unique_names(args.paths)
         check_writable(args.output_dir)
     captioner = None
     failures = 0
@@ -226,7 +232,7 @@ def caption_command(args: argparse.Namespace) -> int:
             print(result.text, flush=True)
             print(_figures(result), file=sys.stderr)
             if args.output_dir:
-                write_result(result, args.output_dir, args.format)
+                write_result(result, args.output_dir, fmt)
         except (OSError, RuntimeError) as error:  # this file's output, or its batch on the device
             say_error(f"{shown(path)}: {error}")
             failures += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,14 +26,16 @@ class Decoding:
     ignore_eos: bool = False  # decode exactly max_new_tokens, for benchmarks and tests
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        # Written so that NaN fails every check: it compares false with everything.
+        whole = isinstance(self.max_new_tokens, numbers.Integral) and not isinstance(self.max_new_tokens, bool)
+        if not whole or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a number >= 0, not {self.temperature!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a number > 0, not {self.repetition_penalty!r}")
 
 
 @dataclass

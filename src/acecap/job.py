@@ -50,7 +50,7 @@ class Job:
         if self.long_audio not in LONG_AUDIO:
             raise ValueError(f"unknown --long-audio {self.long_audio!r}: use {', '.join(LONG_AUDIO)}")
         for flag, seconds in (("--segment-seconds", self.segment_seconds), ("--max-duration", self.max_duration)):
-            if seconds <= 0:
+            if not seconds > 0:  # NaN too
                 raise ValueError(f"{flag} {seconds:g}: give a length in seconds above 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
