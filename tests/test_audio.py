@@ -95,12 +95,12 @@ def cut(path: Path, fraction: float = 0.5) -> Path:
 
 
 def test_a_wav_holding_less_than_its_header_declares_is_refused_or_flagged(tmp_path):
-    short = pcm_wav(tmp_path / "short.wav", tone(0.01), RATE, declared_frames=3 * RATE)  # 3 s promised, 10 ms held
-    with pytest.raises(AudioError, match=r"holds 0.01 s of the 3.00 s its header declares.*--allow-partial"):
+    short = pcm_wav(tmp_path / "short.wav", tone(0.05), RATE, declared_frames=3 * RATE)  # 3 s promised, 50 ms held
+    with pytest.raises(AudioError, match=r"holds 0.05 s of the 3.00 s its header declares.*--allow-partial"):
         load_audio(short)
     clip = load_audio(short, allow_partial=True)
-    assert clip.partial == "holds 0.01 s of the 3.00 s its header declares"
-    assert clip.duration == pytest.approx(0.01) and len(clip.samples) == 160
+    assert clip.partial == "holds 0.05 s of the 3.00 s its header declares"
+    assert clip.duration == pytest.approx(0.05) and len(clip.samples) == 800
     whole = pcm_wav(tmp_path / "whole.wav", tone(3.0), RATE)
     assert load_audio(whole).partial is None and load_audio(whole).duration == pytest.approx(3.0)
 
@@ -185,3 +185,26 @@ def test_names_that_are_not_utf8_decode_through_both_libraries(audio_dir, tmp_pa
         target = tmp_path / (os.fsdecode(b"latin1_\xe9\xff") + Path(name).suffix)
         target.write_bytes((audio_dir / name).read_bytes())
         assert abs(load_audio(target).duration - 3.0) < 0.1 and load_audio(target).source == str(target)
+
+
+def test_audio_too_short_for_the_encoder_is_refused_not_captioned_as_nothing(tmp_path):
+    from acecap.audio import MIN_SAMPLES
+    from acecap.features import audio_tokens, feature_frames
+
+    assert audio_tokens(feature_frames(MIN_SAMPLES)) == 1 and audio_tokens(feature_frames(MIN_SAMPLES - 1)) == 0
+    soundfile.write(tmp_path / "click.wav", np.full(160, 0.1, np.float32), 16000)  # 10 ms
+    with pytest.raises(AudioError, match="10 ms of audio: too short"):
+        load_audio(tmp_path / "click.wav")
+    soundfile.write(tmp_path / "blip.wav", np.full(MIN_SAMPLES, 0.1, np.float32), 16000)
+    assert len(load_audio(tmp_path / "blip.wav").samples) == MIN_SAMPLES
+
+
+def test_arrays_in_another_layout_or_integer_pcm_are_read_as_their_audio():
+    rng = np.random.default_rng(0)
+    stereo = np.clip(0.2 * rng.standard_normal((16000, 2)), -0.99, 0.99).astype(np.float32)
+    with pytest.raises(AudioError, match=r"reads as 16000 channels of 2 frames: give \(frames, channels\)"):
+        to_clip(stereo.T, 16000)
+    pcm = np.clip(stereo * 32768, -32768, 32767).astype(np.int16)  # as scipy.io.wavfile reads a 16-bit file
+    assert np.allclose(to_clip(pcm, 16000).samples, to_clip(stereo, 16000).samples, atol=1e-3)
+    with pytest.raises(AudioError, match="expected numbers"):
+        to_clip(np.array(["a"] * 1000), 16000)

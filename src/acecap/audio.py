@@ -39,6 +39,7 @@ BLOCK_FRAMES = 1 << 16  # frames read at a time
 BLOCK_S = 10  # seconds resampled at a time
 LOW_RATE = 1000  # below this (not audio anyone records) the rate is converted in one go
 PARTIAL_TOLERANCE_S = 0.5  # encoder delay and padding: a file may hold this much less than it declares
+MIN_SAMPLES = 321  # 3 mel frames: the fewest the encoder makes an audio token of (features.audio_tokens)
 
 
 class AudioError(ValueError):
@@ -248,6 +249,9 @@ def _clip(read: _Read, source: str, allow_partial: bool) -> Clip:
         raise AudioError("contains no audio samples (zero length)")
     if samples.size == 0:
         raise AudioError(f"{read.read_s:.2g} s of audio: no samples at all at {SAMPLE_RATE} Hz (zero length)")
+    if samples.size < MIN_SAMPLES:
+        raise AudioError(f"{samples.size / SAMPLE_RATE * 1000:.0f} ms of audio: too short for the model to hear "
+                         f"anything (its encoder needs {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms)")  # fmt: skip
     if missing:
         total = read.ends_s if read.ends_s is not None else read.read_s
     else:
@@ -269,10 +273,21 @@ def _decode(source: Path | bytes, label: str, max_seconds: float | None, allow_p
 
 
 def to_clip(samples: np.ndarray, sample_rate: int, source: str = "<array>") -> Clip:
-    """Mix to mono, resample to 16 kHz and check a waveform given as (frames,) or (frames, channels)."""
-    samples = np.asarray(samples, dtype=np.float32)
+    """Mix to mono, resample to 16 kHz and check a waveform given as (frames,) or (frames, channels): floats
+    in [-1, 1], or integers scaled by their type's range (as a WAV file's PCM is)."""
+    samples = np.asarray(samples)
     if samples.ndim not in (1, 2):
         raise AudioError(f"expected a 1-D or (frames, channels) array, got shape {samples.shape}")
+    if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:  # librosa's and torchaudio's layout
+        raise AudioError(f"shape {samples.shape} reads as {samples.shape[1]} channels of {samples.shape[0]} "
+                         "frames: give (frames, channels), e.g. the array's .T")  # fmt: skip
+    if np.issubdtype(samples.dtype, np.integer):
+        info = np.iinfo(samples.dtype)
+        middle = (int(info.max) + int(info.min) + 1) / 2  # 0, or 128 for unsigned 8-bit PCM
+        samples = (samples.astype(np.float64) - middle) / (int(info.max) + 1 - middle)
+    elif not np.issubdtype(samples.dtype, np.floating):
+        raise AudioError(f"expected numbers, got an array of {samples.dtype}")
+    samples = samples.astype(np.float32, copy=False)
     if len(samples) == 0:
         raise AudioError("contains no audio samples (zero length)")
     mixer = _Mixer(sample_rate)
