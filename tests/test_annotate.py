@@ -398,3 +398,10 @@ def test_batches_follow_length_and_bound_padding_and_memory():
         ["8", "9"],
         ["30"],
     ]
+
+
+def test_a_name_with_a_newline_is_shown_on_one_line():
+    from acecap.inputs import shown
+
+    odd = os.fsdecode(b"a\nb\tc\x7f\xe9.wav")
+    assert shown(odd) == "a\\nb\\tc\\x7f\\xe9.wav" and shown("plain song.wav") == "plain song.wav"

@@ -154,3 +154,9 @@ def test_decoding_refuses_values_no_decoder_can_use(options):
     with pytest.raises(ValueError, match="must be"):
         Decoding(**options)
     assert Decoding(max_new_tokens=np.int64(8)).max_new_tokens == 8  # a count from numpy is a whole number
+
+
+def test_empty_batches_and_rowless_streams(captioner):
+    assert captioner.caption_clips([]) == []
+    with pytest.raises(ValueError, match="rows must be at least 1"):
+        list(captioner.caption_stream([], rows=0))

@@ -223,3 +223,10 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tiny_model, audio_dir,
     stderr = process.communicate(timeout=120)[1]
     assert "Traceback" not in stderr and stderr.strip().endswith("acecap: error: interrupted"), stderr
     assert process.returncode in (130, -signal.SIGINT)
+
+
+def test_the_tiny_model_refuses_a_file_for_its_folder(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "acecap.tiny", str(tmp_path / "taken")], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 2 and "is a file: give a folder" in result.stderr and "Traceback" not in result.stderr

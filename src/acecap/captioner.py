@@ -210,6 +210,8 @@ class Captioner:
         `prompts`: one per clip instead of the captioner's own. `on_step`: called after every decoding
         step with each clip's new token (rows that have ended get the pad token), for streaming.
         """
+        if not clips:
+            return []
         decoding = decoding or Decoding()
         prompts = prompts or [self.prompt] * len(clips)
         if len(prompts) != len(clips):
@@ -252,6 +254,8 @@ class Captioner:
         an error. `items` is read from another thread, a few clips ahead of the device. Once `stop()` is true,
         the clips on the device finish and the stream ends.
         """
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, not {rows}")
         decoding = decoding or Decoding()
         prompt = prompt or self.prompt
         self._check_duration(max_duration, decoding)

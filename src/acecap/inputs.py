@@ -29,8 +29,13 @@ class Item:
 
 
 def shown(path) -> str:
-    """A path as any terminal (or JSON) takes it: bytes of its name that are not UTF-8 written as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as any terminal (or JSON) takes it, on one line: bytes of its name that are not UTF-8 written as
+    \\xNN, control characters (a newline in a name) as \\n, \\t or \\xNN."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROLS) if any(c < " " or c == "\x7f" for c in text) else text
+
+
+_CONTROLS = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
 
 
 class ManifestError(ValueError):

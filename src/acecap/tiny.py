@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["tiny", "small"], default="tiny",
                         help="tiny (default; tests, install checks) or small (~650 M: CPU benchmarks)")  # fmt: skip
     args = parser.parse_args(argv)
+    if Path(args.folder).exists() and not Path(args.folder).is_dir():
+        parser.error(f"{args.folder} is a file: give a folder (it is made if missing)")
     print(write_tiny(args.folder, seed=args.seed, shape=args.shape))
 
 
