@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import random
 import signal
@@ -263,14 +264,14 @@ def test_shards_running_at_once_into_one_folder_keep_each_others_records(tiny_mo
     assert sorted(Path(r["path"]).name for r in records) == [f"clip{i:02d}.wav" for i in range(16)]
 
 
-def test_segment_mode_captions_each_window(tiny_model, tmp_path):
+def test_segment_mode_captions_each_window(tiny_model, tmp_path, caplog):
     (tmp_path / "in").mkdir()
     soundfile.write(tmp_path / "in" / "song.wav", np.random.default_rng(0).standard_normal(16000 * 5) * 0.1, 16000)
-    summary = annotate(
-        job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment", segment_seconds=2, write_txt=True),
-        progress=False,
-    )
-    assert summary.ok
+    caplog.set_level(logging.WARNING, logger="acecap")
+    windows = job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment", segment_seconds=2,
+                  max_duration=1.5, write_txt=True)  # fmt: skip
+    summary = annotate(windows, progress=False)
+    assert summary.ok and "captioning the first" not in caplog.text  # --max-duration is truncate's: windows whole
     (record,) = records_of(tmp_path / "out")
     assert [(s["start"], s["end"]) for s in record["segments"]] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.0)]
     assert all(s["text"] and s["finished"] is False for s in record["segments"]) and not record["truncated"]
@@ -278,6 +279,14 @@ def test_segment_mode_captions_each_window(tiny_model, tmp_path):
     assert record["caption"] == record["segments"][0]["text"] and record["finished"] is False
     assert (tmp_path / "out" / "song.caption.txt").read_text() == record["caption"] + "\n"
     assert record["tokens"] == sum(s["tokens"] for s in record["segments"])
+
+
+def test_segment_windows_longer_than_the_model_takes_are_refused(tiny_model, tmp_path, caplog):
+    write_tones(tmp_path / "in", 1)
+    summary = annotate(job(tiny_model, [tmp_path / "in"], tmp_path / "out", long_audio="segment",
+                           segment_seconds=1e5), progress=False)  # fmt: skip
+    assert not summary.ok and summary.not_processed == 1 and not records_of(tmp_path / "out")
+    assert "--segment-seconds 100000: this model takes at most" in caplog.text
 
 
 def test_truncate_flags_and_txt_files_mirror_the_input_tree(tiny_model, tmp_path):

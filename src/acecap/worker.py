@@ -72,7 +72,8 @@ class Worker:
         self.read_seconds = read_seconds(job, captioner)
         if captioner is not None:
             full = captioner.max_duration_limit(job.decoding)
-            self.max_duration = full if job.long_audio == "full" else min(job.max_duration, full)
+            # --max-duration is truncate's: a segment window is captioned whole (load_captioner checked it fits)
+            self.max_duration = min(job.max_duration, full) if job.long_audio == "truncate" else full
             self.limits = batch_limits(captioner, job.decoding, job.batch_size)
         self.decode_options = decode_options(job, self.read_seconds)
 
@@ -262,14 +263,20 @@ def commit(job: Job, writer: RecordWriter, records: list[dict], relative: dict[s
 
 
 def load_captioner(job: Job, device: str):
-    """The job's model on `device`, or None for meta, which needs none."""
+    """The job's model on `device`, or None for meta, which needs none; ValueError when --long-audio segment's
+    windows are longer than the model takes in one pass."""
     from .captioner import Captioner
 
     if job.task == "meta":
         return None
-    return Captioner.from_pretrained(job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub,
-                                     prompt=job.prompt, decoder=job.decoder, quant=job.quant,
-                                     prefill_tokens=job.prefill_tokens)  # fmt: skip
+    captioner = Captioner.from_pretrained(job.model, task=job.task, device=device, dtype=job.dtype, hub=job.hub,
+                                          prompt=job.prompt, decoder=job.decoder, quant=job.quant,
+                                          prefill_tokens=job.prefill_tokens)  # fmt: skip
+    longest = captioner.max_duration_limit(job.decoding)
+    if job.long_audio == "segment" and job.segment_seconds > longest:  # each window would lose its end
+        raise ValueError(f"--segment-seconds {job.segment_seconds:g}: this model takes at most {longest:.0f} s in "
+                         f"one pass with --max-new-tokens {job.decoding.max_new_tokens}; give a shorter window")
+    return captioner
 
 
 def summarise_records(records: list[dict]) -> list[tuple[str, float, str | None, tuple[str, ...]]]:
