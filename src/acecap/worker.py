@@ -274,8 +274,9 @@ def load_captioner(job: Job, device: str):
                                           prefill_tokens=job.prefill_tokens)  # fmt: skip
     longest = captioner.max_duration_limit(job.decoding)
     if job.long_audio == "segment" and job.segment_seconds > longest:  # each window would lose its end
-        raise ValueError(f"--segment-seconds {job.segment_seconds:g}: this model takes at most {longest:.0f} s in "
-                         f"one pass with --max-new-tokens {job.decoding.max_new_tokens}; give a shorter window")
+        raise ValueError(f"--segment-seconds {job.segment_seconds:g}: this model takes at most {longest:.0f} s "
+                         f"in one pass with --max-new-tokens {job.decoding.max_new_tokens}: give a shorter "
+                         "window")  # fmt: skip
     return captioner
 
 
