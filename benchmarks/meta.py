@@ -55,6 +55,7 @@ CORPORA = ("synth", "scores", "issue", "beatless")
 DEFAULT_MIN_CONFIDENCE = 0.3  # annotate's --meta-min-confidence
 KEY_WEIGHTS = {"exact": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2, "other": 0.0, "none": 0.0}
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
+WITHHELD = ("bpm", "keyscale", "timesignature")  # values that can fall below the default threshold
 
 
 def key_relation(truth: str, found: str | None) -> str:
@@ -93,7 +94,7 @@ def score(corpus: str, truth: dict, found: dict) -> dict:
         "key_ok": None if relation is None else relation == "exact",
         "key_weighted": None if relation is None else KEY_WEIGHTS[relation],
         "metre_ok": None if truth["timesignature"] is None else found["timesignature"] == truth["timesignature"],
-        "withheld": {k: found[f"{k}_confidence"] < DEFAULT_MIN_CONFIDENCE for k in ("bpm", "timesignature")},
+        "withheld": {k: found[f"{k}_confidence"] < DEFAULT_MIN_CONFIDENCE for k in WITHHELD},
         "cpu_s": found["cpu_s"],
         "audio_s": found["duration"],
     }
@@ -101,6 +102,7 @@ def score(corpus: str, truth: dict, found: dict) -> dict:
 
 def summarise(rows: list[dict]) -> dict:
     beatless = [r for r in rows if r["bpm"] is None]
+    noise = [r for r in beatless if r.get("detail", "").endswith(" noise")]  # white, pink, brown: no key either
     timed = [r for r in rows if r["bpm"] is not None]
     keyed = [r for r in rows if r["key_ok"] is not None]
     share = lambda values: sum(values) / len(values) if values else None  # noqa: E731
@@ -126,6 +128,8 @@ def summarise(rows: list[dict]) -> dict:
         "beatless_cases": len(beatless),  # and of them, the tempo and metre left out at the default threshold:
         "tempo_withheld": share([r["withheld"]["bpm"] for r in beatless]),
         "metre_withheld": share([r["withheld"]["timesignature"] for r in beatless]),
+        "noise_cases": len(noise),
+        "noise_key_withheld": share([r["withheld"]["keyscale"] for r in noise]),
         "cpu_s_per_audio_min": sum(r["cpu_s"] for r in rows) / (sum(r["audio_s"] for r in rows) / 60) if rows else None,
         "by_confidence": by_threshold,
     }
@@ -142,8 +146,8 @@ def markdown(report: dict) -> str:
         f"{setup['librosa']}; analysis CPU time is process time (all threads).",
         "",
         "| corpus | clips | tempo ±2 BPM | Acc1 (±4 %) | Acc2 | key exact | key weighted | metre exact "
-        "| no beat: tempo / metre withheld | CPU s per audio min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| no beat: tempo / metre withheld | noise: key withheld | CPU s per audio min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in report["summary"].items():
         withheld = f"{_percent(s['tempo_withheld'])} / {_percent(s['metre_withheld'])}" if s["beatless_cases"] else "–"
@@ -151,7 +155,8 @@ def markdown(report: dict) -> str:
             f"| {name} | {s['cases']} | {_percent(s['bpm_within_2'])} | {_percent(s['acc1'])} | "
             f"{_percent(s['acc2'])} | {_percent(s['key_exact'])} of {s['key_cases']} | "
             f"{'–' if s['key_weighted'] is None else format(s['key_weighted'], '.3f')} | "
-            f"{_percent(s['metre_exact'])} | {withheld} | {s['cpu_s_per_audio_min']:.3f} |"
+            f"{_percent(s['metre_exact'])} | {withheld} | {_percent(s['noise_key_withheld'])} of {s['noise_cases']} | "
+            f"{s['cpu_s_per_audio_min']:.3f} |"
         )
     total = report["summary"]["all"]
     relations = ", ".join(f"{name} {count}" for name, count in total["key_relations"].items() if count)

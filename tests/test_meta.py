@@ -81,6 +81,20 @@ def test_audio_without_a_pulse_gets_no_tempo_or_metre_it_would_export(seed):
     found = analyse(to_clip(audio, beatless.RATE).samples)
     assert found.bpm_confidence < meta.DEFAULT_MIN_CONFIDENCE, truth["detail"]
     assert found.timesignature_confidence < meta.DEFAULT_MIN_CONFIDENCE, truth["detail"]
+    if truth["detail"].endswith(" noise"):  # no pitch either: no key it would export
+        assert found.keyscale_confidence < meta.DEFAULT_MIN_CONFIDENCE, truth["detail"]
+
+
+@pytest.mark.parametrize("seconds", [4.0, 30.0])
+def test_a_steady_tone_gets_no_tempo_or_metre_it_would_export(seconds):
+    """Onsets are scaled to unit mean, so a sound that never changes had its numerical noise read as beats."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    for samples in (
+        0.3 * np.sin(2 * np.pi * 329.63 * t),
+        0.1 * sum(np.sin(2 * np.pi * 220 * k * t) / k for k in range(1, 6)),
+    ):
+        found = analyse(samples.astype(np.float32))
+        assert found.bpm_confidence < meta.DEFAULT_MIN_CONFIDENCE and found.timesignature_confidence < 0.3
 
 
 def test_scores_against_the_truth():
@@ -112,6 +126,11 @@ def test_the_accuracy_program_counts_right(tmp_path):
     if beatless:
         withheld = sum(r["confidence"]["bpm"] < 0.3 for r in beatless) / len(beatless)
         assert total["tempo_withheld"] == withheld == summary["beatless"]["tempo_withheld"]
+        noise = [r for r in beatless if r["detail"].endswith(" noise")]
+        assert total["noise_cases"] == len(noise)
+        if noise:
+            withheld = sum(r["confidence"]["keyscale"] < 0.3 for r in noise) / len(noise)
+            assert total["noise_key_withheld"] == withheld
     assert total["bpm_within_2"] == sum(abs(r["found_bpm"] - r["bpm"]) <= 2 for r in rows) / len(rows)
     assert total["acc1"] == sum(abs(r["found_bpm"] - r["bpm"]) <= 0.04 * r["bpm"] for r in rows) / len(rows)
     keyed = [r for r in rows if r["key"]]

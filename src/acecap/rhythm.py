@@ -50,6 +50,10 @@ LEVEL_FEATURES = (
 # Beat support (beat_support) below the first has no pulse; above the second, a full one. Chosen on the dev split's
 # music and beatless corpora (docs/benchmarks.md): 97 % of beatless clips fall under 0.3, 1.7 % of scores clips.
 SUPPORTED = (0.6, 0.8)
+# The spectrum's rise per frame (Envelopes.activity) below the first is a steady sound, whose scaled onsets are
+# its numerical noise; above the second, enough to carry beats. On dev: music from 0.095, a steady tone or drone
+# up to 0.011 (a sine held 30 s got 104 BPM at confidence 0.7 before).
+STEADY = (0.02, 0.06)
 # Fitted by benchmarks/meta_fit.py on the dev split (conditional logit, L2 0.1 by cross-validation; docs/benchmarks.md).
 LEVEL_WEIGHTS = np.array([
     2.75, -1.15, 5.25, 1.64, 0.83, 3.56, 1.54, 5.82, -0.93,
@@ -68,6 +72,7 @@ class Envelopes:
     hats: np.ndarray  # above HIGH_HZ
     bass: np.ndarray  # harmonic, below LOW_HZ: the bass line's notes
     tonal: np.ndarray  # harmonic, above LOW_HZ: chords and melody
+    activity: float  # the log-mel spectrum's mean rise per frame, unscaled: near 0 for a steady sound
 
     @cached_property  # read by every candidate level: computed once per clip
     def accent(self) -> np.ndarray:
@@ -138,6 +143,7 @@ def envelopes(samples: np.ndarray) -> Envelopes:
         hats=flux(bands, high),
         bass=flux(harmonic, low),
         tonal=flux(harmonic, ~low),
+        activity=float(np.maximum(0.0, np.diff(bands, axis=1)).sum(axis=0).mean()) if bands.shape[1] > 1 else 0.0,
     )
 
 
@@ -341,7 +347,8 @@ def beat_support(e: Envelopes, beats: np.ndarray) -> float:
 
 def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | None = None) -> Rhythm:
     """Tempo (felt beats per minute), metre and beats of mono 16 kHz samples. Their confidences are scaled
-    down where the beats have little to stand on (beat_support), so audio without a pulse gets no tempo."""
+    down where the beats have little to stand on (beat_support) or the sound hardly changes (STEADY), so audio
+    without a pulse gets no tempo."""
     e = envelopes(samples)
     level, confidence = beat_level(e)
     if level is None:
@@ -350,4 +357,5 @@ def analyse(samples: np.ndarray, harmony: Callable[[np.ndarray], np.ndarray] | N
     beats_per_bar, metre_confidence = metre(e, level.beats, harmony(level.beats) if harmony else None)
     low, high = SUPPORTED
     pulse = float(np.clip((beat_support(e, level.beats) - low) / (high - low), 0.0, 1.0))
+    pulse = min(pulse, float(np.clip((e.activity - STEADY[0]) / (STEADY[1] - STEADY[0]), 0.0, 1.0)))
     return Rhythm(bpm, confidence * pulse, beats_per_bar, metre_confidence * pulse, level.beats)
