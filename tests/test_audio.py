@@ -208,3 +208,12 @@ def test_arrays_in_another_layout_or_integer_pcm_are_read_as_their_audio():
     assert np.allclose(to_clip(pcm, 16000).samples, to_clip(stereo, 16000).samples, atol=1e-3)
     with pytest.raises(AudioError, match="expected numbers"):
         to_clip(np.array(["a"] * 1000), 16000)
+
+
+def test_decode_audio_takes_any_bytes_like_data(audio_dir):
+    data = (audio_dir / "tone.wav").read_bytes()
+    expected = decode_audio(data).samples
+    for view in (bytearray(data), memoryview(data)):
+        assert np.array_equal(decode_audio(view).samples, expected)
+    with pytest.raises(TypeError, match="use load_audio for a path"):
+        decode_audio(str(audio_dir / "tone.wav"))

@@ -332,6 +332,10 @@ def decode_audio(
     data: bytes, source: str = "<bytes>", max_seconds: float | None = None, allow_partial: bool = False
 ) -> Clip:
     """Decode an audio file held in memory (an upload), as load_audio does; the format is read from the data."""
+    if isinstance(data, (bytearray, memoryview)):  # bytes-like: anything but bytes is taken for a path below
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"decode_audio takes the file's bytes, not {type(data).__name__}: use load_audio for a path")
     if not data:
         raise AudioError("empty audio (0 bytes)")
     return _decode(data, source, max_seconds, allow_partial)
