@@ -175,7 +175,9 @@ def test_quiet_runs_print_no_library_noise(tiny_model, audio_dir, tmp_path):
     annotate = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "out"), "--model",
                           str(tiny_model), "--max-new-tokens", "3", "--quiet")  # fmt: skip
     caption = run_acecap("caption", str(audio_dir / "tone.wav"), "--model", str(tiny_model), "--max-new-tokens", "3")
-    for result in (annotate, caption):
+    several = run_acecap("annotate", str(audio_dir / "tone.wav"), "-o", str(tmp_path / "two"), "--model",
+                         str(tiny_model), "--max-new-tokens", "3", "--devices", "cpu,cpu", "--quiet")  # fmt: skip
+    for result in (annotate, caption, several):  # several: the spawned worker processes too
         assert result.returncode == 0, result.stderr
         assert "Loading weights" not in result.stderr and "Model config" not in result.stderr
     writer = subprocess.run([sys.executable, "-m", "acecap.tiny", str(tmp_path / "tiny")], capture_output=True,

@@ -326,6 +326,10 @@ def worker_main(job: Job, rank: int, device: str, run_id: str, work, events, sto
     if in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
         _die_with_parent()
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # several processes' "Loading weights" bars would interleave
+        transformers_logging.set_verbosity_error()  # as the command line sets it in the main process
     items = _items(work, stop)
     ahead = job.batch_size or default_batch_size(device.partition(":")[0])
     with contextlib.ExitStack() as pipelines:
