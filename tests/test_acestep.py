@@ -272,6 +272,23 @@ def test_what_acecap_wrote_is_replaced_by_a_redo_whatever_runs_came_between(tmp_
     assert (tmp_path / "out" / WRITTEN).is_file()
 
 
+def test_a_moved_dataset_or_a_broken_ledger_falls_back_to_the_records_before(tmp_path):
+    def records(folder, text: str) -> tuple[list[dict], dict]:
+        path = str(folder / "a.wav")
+        return [{"path": path, "task": "caption", "error": None, "caption": text}], {path: Path("a.wav")}
+
+    (tmp_path / "songs").mkdir()
+    export(*records(tmp_path / "songs", "cut"), ["acestep"], tmp_path / "out")
+    (tmp_path / "songs").rename(tmp_path / "moved")  # roots.json changed: the same records, another folder
+    before, relative = records(tmp_path / "moved", "cut")
+    export(records(tmp_path / "moved", "whole")[0], relative, ["acestep"], tmp_path / "out", records_before=before)
+    assert (tmp_path / "moved" / "a.caption.txt").read_text() == "whole\n"
+    (tmp_path / "out" / WRITTEN).write_text("[]\n")  # valid JSON, not a ledger: warned about, not a crash
+    export(records(tmp_path / "moved", "again")[0], relative, ["acestep"], tmp_path / "out",
+           records_before=records(tmp_path / "moved", "whole")[0])  # fmt: skip
+    assert (tmp_path / "moved" / "a.caption.txt").read_text() == "again\n"
+
+
 def test_a_stricter_threshold_on_a_rerun_takes_back_the_guesses_acecap_wrote_under_a_looser_one(tmp_path):
     meta = {
         "path": str(tmp_path / "plain.wav"),

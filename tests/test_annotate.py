@@ -279,6 +279,11 @@ def test_segment_mode_captions_each_window(tiny_model, tmp_path, caplog):
     assert record["caption"] == record["segments"][0]["text"] and record["finished"] is False
     assert (tmp_path / "out" / "song.caption.txt").read_text() == record["caption"] + "\n"
     assert record["tokens"] == sum(s["tokens"] for s in record["segments"])
+    # A tail too short for the encoder (10 ms) joins the window before it rather than be captioned as nothing.
+    soundfile.write(tmp_path / "in" / "song.wav", np.random.default_rng(0).standard_normal(64160) * 0.1, 16000)
+    assert annotate(windows, progress=False).ok
+    (record,) = records_of(tmp_path / "out")
+    assert [(s["start"], s["end"]) for s in record["segments"]] == [(0.0, 2.0), (2.0, 4.01)]
 
 
 def test_segment_windows_longer_than_the_model_takes_are_refused(tiny_model, tmp_path, caplog):

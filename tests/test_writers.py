@@ -191,6 +191,6 @@ def test_records_under_a_root_roots_json_lacks_keep_it_until_it_is_added_back(tm
 
 
 def test_every_pair_of_inputs_that_would_share_an_output_is_named():
-    check_unique_names(["a/x.wav", "a/x.wav", "b/y.wav"])  # the same file twice is one input
+    check_unique_names(["a/x.wav", "a/x.wav", "./a/x.wav", "b/y.wav"])  # the same file twice is one input
     with pytest.raises(ValueError, match=r"a/x.wav and b/x.wav and a/x.ogg; a/y.wav and b/y.flac would write"):
         check_unique_names(["a/x.wav", "b/x.wav", "a/y.wav", "a/x.ogg", "b/y.flac", "c/z.wav"])

@@ -125,12 +125,16 @@ def digest(value) -> str:
 def load_written(path: Path) -> dict:
     """The sidecars' ledger: sidecar path → digest of the text acecap last wrote (a song.json: key → digest)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        written = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:  # unreadable: every sidecar value then counts as a person's, kept
         log.warning("%s: cannot be read (%s); values in existing sidecars are kept as they are", path, error)
         return {}
+    if not isinstance(written, dict):
+        log.warning("%s: not a JSON object; values in existing sidecars are kept as they are", path)
+        return {}
+    return written
 
 
 def ledger_of(songs: list[Song], folder: Path | None) -> dict:
@@ -145,12 +149,11 @@ def ledger_of(songs: list[Song], folder: Path | None) -> dict:
     return written
 
 
-def _save_ledger(path: Path, written: dict) -> list[Path]:
-    """The ledger, rewritten when it changed; [] (it is acecap's bookkeeping, not one of the files written)."""
+def _save_ledger(path: Path, written: dict) -> None:
+    """The ledger, rewritten when it changed."""
     text = to_json(written) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
         atomic_write(path, text)
-    return []
 
 
 def _base(song: Song, folder: Path | None) -> Path:
@@ -324,18 +327,18 @@ def export(
     songs_from_records: reviews win, meta values below `min_confidence` are left unknown): the paths written,
     and (path, reason) for each song or file that could not be (a read-only folder, a name too long), the rest
     going on. Sidecar values still as acecap last wrote them (the `ledger`, default output_dir/WRITTEN) are
-    replaced; where there is no ledger yet (a folder of an older acecap), those of `records_before` (the records
-    before this run, taken before the threshold: a value written under a looser one is acecap's too)."""
+    replaced; for a sidecar the ledger does not name (a folder of an older acecap, a dataset moved since), those
+    of `records_before` (the records before this run, taken before the threshold: a value written under a
+    looser one is acecap's too)."""
     songs = songs_from_records(records, relative, reviews, min_confidence)
     check_collisions([(song.audio, song.relative) for song in songs], formats, sidecar_dir)
     ledger = ledger or output_dir / WRITTEN
     jobs: list[tuple[str, Callable[[], list[Path]]]] = []
     if "acestep" in formats:
-        written = load_written(ledger) if ledger.exists() else \
-            ledger_of(songs_from_records(records_before or [], relative, reviews), sidecar_dir)  # fmt: skip
+        written = ledger_of(songs_from_records(records_before or [], relative, reviews), sidecar_dir)
+        written.update(load_written(ledger))
         for song in songs:
             jobs.append((str(song.audio), functools.partial(write_sidecars, song, sidecar_dir, overwrite, written)))
-        jobs.append((str(ledger), lambda: _save_ledger(ledger, written)))
     if "csv" in formats:
         jobs.append((str(output_dir / "dataset.csv"), lambda: [write_csv(songs, output_dir / "dataset.csv")]))
     if "acestep-dataset" in formats:
@@ -343,9 +346,16 @@ def export(
         jobs.append((str(path), lambda: [write_dataset(songs, path, name)]))
     paths: list[Path] = []
     failed: list[tuple[str, str]] = []
-    for target, write in jobs:
-        try:
-            paths += write()
-        except OSError as error:
-            failed.append((target, error.strerror or str(error)))
+    try:
+        for target, write in jobs:
+            try:
+                paths += write()
+            except OSError as error:
+                failed.append((target, error.strerror or str(error)))
+    finally:  # what was written is in the ledger even when the export stops part way (Ctrl-C, a kill aside)
+        if "acestep" in formats:
+            try:
+                _save_ledger(ledger, written)
+            except OSError as error:
+                failed.append((str(ledger), error.strerror or str(error)))
     return paths, failed

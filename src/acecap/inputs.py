@@ -71,7 +71,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
                 raise ManifestError(f"{manifest}:{number}: not a JSON object with a path") from None
             if not isinstance(name, str) or not name.strip():
                 raise ManifestError(f"{manifest}:{number}: its path is {json.dumps(name)}, not a file name")
-            names.append(name.strip())
+            names.append(name)  # as written: a JSON string may mean its spaces
     # Relative entries are relative to the manifest's folder, so a manifest travels with its data.
     return [p if p.is_absolute() else manifest.parent / p for p in map(Path, names)]
 

@@ -35,8 +35,6 @@ class PromptRules:
         self.default_prompt = captioner.prompt
         self.default_tokens = captioner.prompt_tokens - 1  # its one <|AUDIO|> placeholder aside
         self.hop_length = self.processor.feature_extractor.hop_length
-        makes_a_token = (n for n in range(1, 10 * self.hop_length) if audio_tokens(feature_frames(n, self.hop_length)))
-        self.shortest = next(makes_a_token)  # the fewest samples that make one audio token
         added = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
         self.control = re.compile("|".join(map(re.escape, added))) if added else None
         # Byte-level BPE: a token spans at most this many characters, so longer texts need no tokenizing.
@@ -71,12 +69,9 @@ class PromptRules:
         return tokens
 
     def check_total(self, text_tokens: int, samples: int, max_tokens: int) -> int:
-        """The whole prompt's tokens (text and audio); 400 when the audio is too short to make a token, or
-        when prompt and max_tokens pass the context."""
+        """The whole prompt's tokens (text and audio); 400 when prompt and max_tokens pass the context. (Audio
+        too short to make a token was refused as it was decoded: audio.MIN_SAMPLES.)"""
         audio = audio_tokens(feature_frames(samples, self.hop_length))
-        if audio < 1:
-            raise APIError(400, f"the audio is {samples} samples at 16 kHz after resampling; the model needs at "
-                           f"least {self.shortest} ({self.shortest / 16:.0f} ms)")  # fmt: skip
         if text_tokens + audio + max_tokens > self.context:
             raise APIError(400, f"the prompt is {text_tokens} text and {audio} audio tokens: with max_tokens "
                            f"{max_tokens} it passes the model's context of {self.context} tokens; send shorter "

@@ -24,7 +24,7 @@ from pathlib import Path
 from .acestep import CSV_HEADER, UNKNOWN, WRITTEN, Song, csv_row, dataset_sample, export, write_sidecars
 from .inputs import shown
 from .lyrics import INSTRUMENTAL
-from .records import RecordPaths, _read, latest_per_input, load_records
+from .records import RecordPaths, _read, latest_per_input, load_records, settled
 from .writers import append_lines, atomic_write, to_json
 
 log = logging.getLogger("acecap")
@@ -322,8 +322,16 @@ def export_reviewed(folder: Path, which: str, formats: list[str], output_dir: Pa
         raise ValueError(f"--export {which!r}: use {' or '.join(EXPORTS)}")
     if not formats:
         raise ValueError("--export needs at least one -f: acestep, csv or acestep-dataset")
+    if "acestep" in formats:  # sidecars and their ledger: changed under the folder's lock, as annotate's exports
+        with settled(Path(folder)) as records:
+            return _export_reviewed(folder, records, which, formats, output_dir, min_confidence)
+    return _export_reviewed(folder, latest_per_input(load_records(Path(folder))), which, formats, output_dir,
+                            min_confidence)  # fmt: skip
+
+
+def _export_reviewed(folder: Path, records: list[dict], which: str, formats: list[str], output_dir: Path | None,
+                     min_confidence: float) -> tuple[list[Path], list[tuple[str, str]]]:  # fmt: skip
     reviews = load_reviews(folder)
-    records = latest_per_input(load_records(Path(folder)))
     if not records:
         raise ValueError(f"{folder}: no annotate records here (annotations.jsonl); run acecap annotate first")
     if which == "approved":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import Clip
+from .audio import MIN_SAMPLES, Clip
 from .batching import batch_limits, default_batch_size
 from .devices import dtype_name
 from .inputs import Item
@@ -178,9 +178,13 @@ class Worker:
         def windows() -> Iterator[tuple]:
             for one in self._clips(decoded):
                 samples = one.clip.samples
-                files[id(one)] = {"left": -(-len(samples) // step), "segments": [], "error": None}
-                for start in range(0, len(samples), step):
-                    window = Clip(samples[start : start + step], one.clip.source)
+                starts = list(range(0, len(samples), step))
+                if len(starts) > 1 and len(samples) - starts[-1] < MIN_SAMPLES:  # a tail too short to hear
+                    starts.pop()  # joins the window before it
+                ends = [*starts[1:], len(samples)]
+                files[id(one)] = {"left": len(starts), "segments": [], "error": None}
+                for start, end in zip(starts, ends, strict=True):
+                    window = Clip(samples[start:end], one.clip.source)
                     yield (one, start / 16000, window.duration), window
 
         for (one, start, seconds), result in self._caption(windows()):

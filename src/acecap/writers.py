@@ -72,8 +72,11 @@ def append_lines(path: Path, lines: list[str]) -> None:
 
 def check_unique_names(paths: list[str]) -> None:
     """Outputs are named after the input's file name; two inputs with one name would overwrite each other."""
+    files: dict[str, str] = {}
+    for path in paths:
+        files.setdefault(os.path.abspath(path), path)  # one file named twice is one input
     groups: dict[str, list[str]] = {}
-    for path in dict.fromkeys(os.path.abspath(path) for path in paths):  # one file named twice is no clash
+    for path in files.values():
         groups.setdefault(Path(path).stem, []).append(path)
     clashes = [" and ".join(group) for group in groups.values() if len(group) > 1]
     if clashes:
