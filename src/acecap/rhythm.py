@@ -130,20 +130,23 @@ def envelopes(samples: np.ndarray) -> Envelopes:
     low, high = centres < LOW_HZ, centres >= HIGH_HZ
     middle = ~low & ~high
 
-    def flux(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        rise = np.maximum(0.0, np.diff(x[rows], axis=1, prepend=x[rows][:, :1])).sum(axis=0)
-        return rise / (rise.mean() + 1e-9)
+    def rise(x: np.ndarray, rows: np.ndarray) -> np.ndarray:  # per frame, summed over `rows`; 0 at the first
+        return np.maximum(0.0, np.diff(x[rows], axis=1, prepend=x[rows][:, :1])).sum(axis=0)
 
-    everything = np.ones(N_MELS, dtype=bool)
+    def flux(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        onsets = rise(x, rows)
+        return onsets / (onsets.mean() + 1e-9)
+
+    whole = rise(bands, np.ones(N_MELS, dtype=bool))
     return Envelopes(
         bands=bands,
-        full=flux(bands, everything),
+        full=whole / (whole.mean() + 1e-9),
         kick=flux(percussive, low),
         snare=flux(percussive, middle),
         hats=flux(bands, high),
         bass=flux(harmonic, low),
         tonal=flux(harmonic, ~low),
-        activity=float(np.maximum(0.0, np.diff(bands, axis=1)).sum(axis=0).mean()) if bands.shape[1] > 1 else 0.0,
+        activity=float(whole[1:].mean()) if len(whole) > 1 else 0.0,  # the first frame's 0 is no rise
     )
 
 

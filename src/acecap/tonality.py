@@ -124,12 +124,12 @@ def key(c: Chroma) -> tuple[str, float]:
     """The key whose profile best fits the treble and bass chroma and, less, the ending's (where a song's final
     cadence sits), and a confidence: the best key's margin over the runner-up (often its relative or its
     dominant), as a share of the best's own fit, scaled down where the chroma is nearly flat (FLAT_CHROMA)."""
-    scores = correlations(c.treble.mean(axis=1)) + BASS_WEIGHT * correlations(c.bass.mean(axis=1))
+    treble = c.treble.mean(axis=1)
+    scores = correlations(treble) + BASS_WEIGHT * correlations(c.bass.mean(axis=1))
     scores = scores + ENDING_WEIGHT * correlations(ending(c))
     second, best = np.argsort(scores)[-2:]
     margin = (scores[best] - scores[second]) / (abs(scores[best]) + 1e-9)
-    profile = c.treble.mean(axis=1)
-    spread = profile.std() / (profile.mean() + 1e-12)  # near 0: every pitch class alike, as in noise
+    spread = treble.std() / (treble.mean() + 1e-12)  # near 0: every pitch class alike, as in noise
     tonal = float(np.clip((spread - FLAT_CHROMA[0]) / (FLAT_CHROMA[1] - FLAT_CHROMA[0]), 0.0, 1.0))
     return KEYS[int(best)], tonal * float(1.0 - np.exp(-max(0.0, margin) * KEY_CONFIDENCE_SCALE))  # never quite 1
 
