@@ -141,11 +141,9 @@ def ledger_of(songs: list[Song], folder: Path | None) -> dict:
     """The ledger acecap's export of `songs` would have left: for output folders made before it kept one."""
     written: dict = {}
     for song in songs:
-        base = _base(song, folder)
-        for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
-            if text is not None:
-                written[str(base.with_name(base.name + suffix))] = digest(text.strip())
-        written[str(base.with_name(base.name + ".json"))] = {k: digest(v) for k, v in song.fields().items()}
+        texts, json_path = _sidecars(song, folder)
+        written.update((str(path), digest(text.strip())) for path, text in texts if text is not None)
+        written[str(json_path)] = {key: digest(value) for key, value in song.fields().items()}
     return written
 
 
@@ -156,8 +154,12 @@ def _save_ledger(path: Path, written: dict) -> None:
         atomic_write(path, text)
 
 
-def _base(song: Song, folder: Path | None) -> Path:
-    return song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
+def _sidecars(song: Song, folder: Path | None) -> tuple[list[tuple[Path, str | None]], Path]:
+    """The song's text sidecars with their texts, and its song.json: beside the audio, or mirrored under `folder`."""
+    base = song.audio.with_suffix("") if folder is None else folder / song.relative.with_suffix("")
+    texts = [(base.with_name(base.name + ".caption.txt"), song.caption),
+             (base.with_name(base.name + ".lyrics.txt"), song.lyrics)]  # fmt: skip
+    return texts, base.with_name(base.name + ".json")
 
 
 def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, written: dict | None = None) -> list[Path]:
@@ -165,20 +167,18 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, wri
     the ledger (load_written); a value whose digest it holds is acecap's own to replace, and what this call
     writes goes into it. Without one, every value already there is a person's."""
     written = {} if written is None else written
-    base = _base(song, folder)
+    texts, path = _sidecars(song, folder)
     paths = []
-    for suffix, text in ((".caption.txt", song.caption), (".lyrics.txt", song.lyrics)):
-        path = base.with_name(base.name + suffix)
+    for text_path, text in texts:
         if text is None:
             continue
-        existing = _text(path)
-        ours = written.get(str(path)) == digest(existing)
-        if existing == text.strip() or not existing or overwrite or ours:
-            if existing != text.strip() or not path.is_file():
-                atomic_write(path, text.strip() + "\n")
-                paths.append(path)
-            written[str(path)] = digest(text.strip())
-    path = base.with_name(base.name + ".json")
+        existing = _text(text_path)
+        acecaps = written.get(str(text_path)) == digest(existing)
+        if existing == text.strip() or not existing or overwrite or acecaps:
+            if existing != text.strip() or not text_path.is_file():
+                atomic_write(text_path, text.strip() + "\n")
+                paths.append(text_path)
+            written[str(text_path)] = digest(text.strip())
     existing: dict = {}
     if path.is_file():
         try:
@@ -193,18 +193,18 @@ def write_sidecars(song: Song, folder: Path | None, overwrite: bool = False, wri
     earlier = written.get(str(path))
     earlier = earlier if isinstance(earlier, dict) else {}
     fields = song.fields()
-    ours = {key: value for key, value in earlier.items() if key not in fields}  # a value no record gives now
+    recorded = {key: value for key, value in earlier.items() if key not in fields}  # a value no record gives now
     for key, value in fields.items():
         empty = existing.get(key) in (None, "", UNKNOWN.get(key))
         unknown = value is None or value == UNKNOWN.get(key)
-        mine = key in earlier and key in existing and earlier[key] == digest(existing[key])  # it may become unknown
-        if empty or mine or existing.get(key) == value or (overwrite and not unknown):  # a person's never unknown
+        acecaps = key in earlier and key in existing and earlier[key] == digest(existing[key])  # may become unknown
+        if empty or acecaps or existing.get(key) == value or (overwrite and not unknown):  # a person's never unknown
             merged[key] = value
-            ours[key] = digest(value)
+            recorded[key] = digest(value)
     if merged != existing or not path.is_file():
         atomic_write(path, to_json(merged, indent=2) + "\n")
         paths.append(path)
-    written[str(path)] = ours
+    written[str(path)] = recorded
     return paths
 
 
